@@ -119,3 +119,11 @@ def test_synthetic_video_roundtrip(tmp_path):
     # crf 0 is lossless in YUV: luma survives up to rounding; chroma is subsampled 2x2 (4:2:0).
     gray = np.array([0.299, 0.587, 0.114])
     assert np.abs(decoded @ gray - rendered @ gray).mean() < 1.5
+
+
+def test_decode_throughput_runs(gray_ramp):
+    from tadjax.tools.bench_loader import decode_throughput
+
+    r = decode_throughput([gray_ramp, gray_ramp], size=32, frames=4, snippet_stride=2)
+    assert r["frames"] == 8 and r["frames_per_second"] > 0
+    assert r["seconds"] == r["decode_seconds"] + r["augment_seconds"]
