@@ -22,6 +22,7 @@ it when done, so a crash mid-build never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ import logging
 import math
 import os
 import re
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -283,7 +285,9 @@ def prepare(config: ActivityNetStyleConfig, data_dir: str) -> ActivityNetStyle:
     if not is_prepared(builder):
         tfds.display_progress_bar(False)
         log.info("building %s into %s", config.name, builder.data_dir)
-        builder.download_and_prepare(file_format="array_record")
+        # TFDS prints its progress to stdout; keep stdout for the caller (e.g. --json output).
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(file_format="array_record")
         builder = ActivityNetStyle(config=config, data_dir=os.fspath(data_dir),
                                    file_format="array_record")
     return builder
