@@ -91,7 +91,12 @@ def test_sources(sources):
     assert [r["video_id"] for r in sources["training"].records] == ["ramp_a", "ramp_b", "ramp_c"]
     assert sources["training"].classes == CLASSES
     assert sources["validation"][0]["num_frames"] == 40
-    assert loader.train_indices(sources["training"]) == [0, 1]
+    assert loader.train_indices(loader.default_data_config(), sources["training"]) == [0, 1]
+    # Resize mode drops instances <= min_relative_length of the video: ramp_a's are 1 s of 4 s.
+    c = loader.default_data_config()
+    c.mode, c.min_relative_length = "resize", 0.3
+    assert loader.train_indices(c, sources["training"]) == [1]
+    assert loader.get_split(sources, "Validation") is sources["validation"]
 
 
 def test_training_batch_shapes_and_ground_truth(ramp_set, sources):

@@ -204,13 +204,17 @@ def build_or_load(data_cfg) -> dict[str, VideoSource]:
             for split in builder.info.splits.keys()}
 
 
-def _split(sources: dict[str, VideoSource], name: str) -> VideoSource:
+def get_split(sources: dict[str, VideoSource], name: str) -> VideoSource:
+    """sources[name], or the one split whose name matches case-insensitively."""
     if name in sources:
         return sources[name]
     matches = [k for k in sources if k.lower() == str(name).lower()]
     if len(matches) == 1:
         return sources[matches[0]]
     raise KeyError(f"no split {name!r}; the dataset has {sorted(sources)}")
+
+
+_split = get_split
 
 
 def annotation_fps(record: dict) -> float:
@@ -334,9 +338,15 @@ def _maybe_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=1))
 
 
-def train_indices(source: VideoSource) -> list[int]:
-    """Videos used for training: those with at least one ground-truth segment."""
-    keep = [i for i, r in enumerate(source.records) if len(r["labels"])]
+def train_indices(data_cfg, source: VideoSource) -> list[int]:
+    """Videos used for training: those with ground truth (in resize mode, with an instance
+    longer than `min_relative_length` of the video, the others would give empty targets)."""
+    min_rel = float(data_cfg.min_relative_length) if data_cfg.mode == "resize" else 0.0
+    keep = []
+    for i, r in enumerate(source.records):
+        lengths = r["segments"][:, 1] - r["segments"][:, 0]
+        if len(lengths) and (min_rel <= 0 or (lengths / r["duration"] > min_rel).any()):
+            keep.append(i)
     if not keep:
         raise ValueError(f"{source.data_dir}: split {source.split!r} has no video with ground truth")
     return keep
@@ -351,9 +361,9 @@ def train_dataset(data_cfg, sources: dict[str, VideoSource], *, seed: int | None
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     seed = int(data_cfg.seed if seed is None else seed)
-    source = _split(sources, data_cfg.train_subset)
+    source = get_split(sources, data_cfg.train_subset)
     settings = _Settings.from_config(data_cfg)
-    ds = grain.MapDataset.source(train_indices(source))
+    ds = grain.MapDataset.source(train_indices(data_cfg, source))
     ds = ds.shuffle(seed=seed).repeat()
     # Augmentation randomness depends on (seed, global element index) only, before sharding.
     ds = ds.random_map(TrainElement(settings, source), seed=seed)
@@ -378,7 +388,7 @@ def eval_videos(data_cfg, sources: dict[str, VideoSource]) -> list[dict]:
     seconds needs: video_id, duration, fps, num_frames, mode, snippet_stride, scale_factor,
     grid_length, and `grid_starts` (the windows' first positions; [0] in resize mode)."""
     settings = _Settings.from_config(data_cfg)
-    source = _split(sources, data_cfg.eval_subset)
+    source = get_split(sources, data_cfg.eval_subset)
     videos = []
     for i, r in enumerate(source.records):
         if settings.mode == "window":
@@ -459,7 +469,7 @@ def eval_dataset(data_cfg, sources: dict[str, VideoSource], batch_size: int, *,
     process_count-th batch (the item list is padded so that all get the same number)."""
     if batch_size <= 0:
         raise ValueError(f"eval batch_size must be positive, got {batch_size}")
-    source = _split(sources, data_cfg.eval_subset)
+    source = get_split(sources, data_cfg.eval_subset)
     items = eval_items(data_cfg, sources, batch_size * process_count)
     ds = grain.MapDataset.source(list(items))
     ds = ds.map(EvalElement(_Settings.from_config(data_cfg), source, float(data_cfg.test_overlap)))
