@@ -83,7 +83,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.crop_ratio = (0.9, 1.0)       # random crop of videos shorter than a window
     c.test_overlap = 0.5            # sliding test windows
     c.min_relative_length = 0.0     # resize mode, training: drop GT with duration/video <= this (ANet: 0.01)
-    c.max_gt = 64                   # M: ground-truth slots per window (extra ones dropped, with a warning)
+    c.max_gt = 128                  # M: GT slots per window (THUMOS14 train: up to 68); extra ones dropped with a warning
     # Images.
     c.img_size = 160
     c.train_short_side = 182
