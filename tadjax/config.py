@@ -1,0 +1,167 @@
+"""Building blocks for `configs/*.py` (each of which is `get_config(arg)` returning a locked ConfigDict).
+
+The config has five sections:
+  data   what the loader reads and how (see tadjax.data.loader.default_data_config)
+  model  backbone (VideoMAE + adapters), head (ActionFormer), targets and losses
+  train  optimizer groups (regex on parameter paths), schedule in epochs, EMA, logging, checkpoints
+  eval   post-processing and tIoU thresholds
+  mesh   device mesh axes and partition rules (regex on parameter paths)
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Parameters without weight decay in the head (minGPT-style grouping of the reference): biases,
+# LayerNorm scales, the per-level Scale and the AffineDropPath scales.
+HEAD_NO_DECAY = (r"bias$", r"norm[^/]*/scale$", r"/scale(_\d+)?$", r"layer_scale[^/]*$",
+                 r"drop_path_scale[^/]*$")
+
+# THUMOS14 learning rates of the adapter variant: TIA 2e-4 for S, 1e-4 for B/L/H/g; head 1e-4.
+ADAPTER_LR = {"S": 2e-4, "B": 1e-4, "L": 1e-4, "H": 1e-4, "g": 1e-4}
+
+
+def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs_pe: bool = False, adapter_mode: str = "adapter",
+                 adapter_blocks="all", drop_path_rate: float = 0.1,
+                 init_loss_norm: float = 100.0, label_smoothing: float = 0.0,
+                 loss_weight: float = 1.0, remat_policy: str = "full",
+                 scan_blocks: bool = True, backbone_overrides=None, head_overrides=None):
+    m = ml_collections.ConfigDict()
+    m.dtype = "float32"
+    m.backbone = ml_collections.ConfigDict({**dict(
+        variant=variant, drop_path_rate=drop_path_rate, adapter_mode=adapter_mode,
+        adapter_blocks=adapter_blocks, adapter_ratio=0.25, remat_policy=remat_policy,
+        scan_blocks=scan_blocks), **(backbone_overrides or {})})
+    m.head = ml_collections.ConfigDict({**dict(
+        num_classes=num_classes, channels=channels, arch=(2, 2, 5), n_head=4, mha_win_size=-1,
+        path_pdrop=0.1, input_pdrop=0.0, use_abs_pe=use_abs_pe), **(head_overrides or {})})
+    m.strides = (1, 2, 4, 8, 16, 32)
+    m.regress_ranges = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 10000))
+    m.center_sample_radius = 1.5
+    m.loss_weight = loss_weight
+    m.label_smoothing = label_smoothing
+    m.init_loss_norm = init_loss_norm
+    return m
+
+
+def train_config(*, epochs: int, end_epoch: int, warmup_epochs: int,
+                 adapter_lr: float | None, head_lr: float, backbone_lr: float | None = None,
+                 adapter_mode: str = "adapter"):
+    t = ml_collections.ConfigDict()
+    t.epochs = epochs                      # length of the cosine schedule
+    t.end_epoch = end_epoch                # where training stops (THUMOS: 60 of 100)
+    t.warmup_epochs = warmup_epochs
+    groups = []
+    if adapter_mode in ("adapter", "side") and adapter_lr:
+        groups.append(dict(name="adapter", regex=r"^backbone/.*adapter", lr=adapter_lr,
+                           weight_decay=0.05, no_decay=()))
+    if adapter_mode == "full" and backbone_lr:
+        groups.append(dict(name="backbone", regex=r"^backbone/", lr=backbone_lr,
+                           weight_decay=0.05, no_decay=()))
+    groups.append(dict(name="head", regex=r"^head/", lr=head_lr, weight_decay=0.05,
+                       no_decay=HEAD_NO_DECAY))
+    t.param_groups = groups
+    t.grad_clip = 1.0
+    t.ema_decay = 0.999
+    t.log_every_steps = 10
+    t.checkpoint_every_steps = 200
+    t.keep_checkpoints = 3
+    t.keep_best = 1
+    t.eval_start_epoch = 40
+    t.eval_every_epochs = 2
+    t.max_bad_steps = 20                   # consecutive non-finite updates before stopping
+    return t
+
+
+def eval_config(*, tious: str = "thumos14", mode: str = "multiclass"):
+    e = ml_collections.ConfigDict()
+    e.batch_size = 2
+    e.tious = tious                        # preset name or "start:stop:num"
+    e.pre_nms_thresh = 0.001
+    e.pre_nms_topk = 2000
+    e.nms_mode = mode                      # multiclass | class_agnostic
+    e.nms_sigma = 0.7
+    e.min_score = 0.0
+    e.max_segments = 2000
+    e.voting_thresh = 0.0                  # > 0: IoU voting (ActivityNet uses 0.9)
+    e.classifier = ""                      # external video-level classifier JSON (ActivityNet)
+    e.classifier_mode = "cuhk"
+    e.classifier_topk = 2
+    e.max_predictions = 0                  # 0: no cap; ActivityNet 200 (after fusion)
+    return e
+
+
+def mesh_config():
+    mesh = ml_collections.ConfigDict()
+    mesh.axes = (("data", -1),)            # (name, size); -1 takes the remaining devices
+    mesh.batch_axes = ("data",)
+    mesh.rules = ()                        # (regex on parameter path, PartitionSpec tuple)
+    return mesh
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.lock()
+    return config
+
+
+def _data(**overrides):
+    from tadjax.data.loader import default_data_config
+    d = default_data_config()
+    d.update(overrides)
+    return d
+
+
+def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str | None = None):
+    """AdaTAD on THUMOS14: windows of 768 positions at 4 raw frames each (spec §5.1).
+
+    `frames` = 768 (one frame per position) or 1536 (two per position, the same 3,072 raw frames);
+    the detector always sees 768 positions. Train on the Validation subset, test on Test.
+    """
+    scale = frames // 768
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+    c.data = _data(
+        name="thumos14", annotations="data/thumos-14/annotations/thumos14.json",
+        videos="data/thumos-14/videos", train_subset="Validation", eval_subset="Test",
+        mode="window", window=768, snippet_stride=4, scale_factor=scale, img_size=img_size,
+        train_short_side=int(round(img_size * 182 / 160)) if img_size == 160 else 256,
+        eval_short_side=img_size, batch_size=2)
+    g_half = size == "g" and img_size == 224
+    c.model = model_config(
+        variant=size, num_classes=20, channels=512,
+        adapter_blocks=tuple(range(20, 40)) if g_half else "all", init_loss_norm=100.0)
+    c.train = train_config(epochs=100, end_epoch=50 if g_half else 60,
+                           warmup_epochs=5, adapter_lr=ADAPTER_LR[size], head_lr=1e-4)
+    if g_half:
+        c.train.eval_start_epoch = 36
+    c.eval = eval_config(tious="thumos14")
+    c.eval.batch_size = 1
+    c.mesh = mesh_config()
+    return finalize(c)
+
+
+def adatad_anet(size: str, *, img_size: int = 160, arg: str | None = None):
+    """AdaTAD on ActivityNet-1.3: each video resized to 768 frames, 192 positions (spec §5.2);
+    class-agnostic head fused with an external video-level classifier (CUHK by default)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+    c.data = _data(
+        name="activitynet13", annotations="data/activitynet-1.3/annotations/activity_net.v1-3.min.json",
+        videos="data/activitynet-1.3/videos", train_subset="training", eval_subset="validation",
+        blocked="third_party/activitynet13/blocked.json", class_agnostic=True,
+        mode="resize", resize_length=192, scale_factor=4, min_relative_length=0.01, img_size=img_size,
+        train_short_side=182 if img_size == 160 else 256, eval_short_side=img_size, batch_size=16)
+    c.model = model_config(
+        variant=size, num_classes=1, channels=256,
+        use_abs_pe=True, init_loss_norm=200.0, label_smoothing=0.1, loss_weight=2.0)
+    c.train = train_config(epochs=15, end_epoch=15, warmup_epochs=5,
+                           adapter_lr=1e-4, head_lr=1e-3)
+    c.train.eval_start_epoch = 7
+    c.train.eval_every_epochs = 1
+    c.eval = eval_config(tious="activitynet", mode="class_agnostic")
+    c.eval.min_score = 0.001
+    c.eval.max_segments = 100
+    c.eval.voting_thresh = 0.9
+    c.eval.classifier = "data/activitynet-1.3/classifiers/cuhk_val_simp_7.json"
+    c.eval.max_predictions = 200
+    c.mesh = mesh_config()
+    return finalize(c)

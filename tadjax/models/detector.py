@@ -1,0 +1,86 @@
+"""The AdaTAD detector: VideoMAE backbone (+ TIA) -> 1-D features -> ActionFormer head.
+
+Parameter tree (the public API):
+  backbone/...   the ViT and its adapters (see tadjax.models.vit)
+  head/...       the ActionFormer projection, neck and heads (see tadjax.models.actionformer)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from tadjax.data import loader as loader_lib
+from tadjax.models import actionformer, vit
+
+# 0-255 RGB normalisation of the reference (mmaction ActionDataPreprocessor).
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Detector(nn.Module):
+    backbone: nn.Module
+    head: nn.Module
+    feature_length: int  # T: length of the 1-D sequence the head sees
+    dtype: Any = jnp.float32
+
+    def features(self, frames, *, train: bool):
+        """uint8 or float frames [B, T_f, H, W, 3] (0-255 RGB) -> features [B, T, C] float32."""
+        x = frames.astype(jnp.float32)
+        x = (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+        x = x.astype(self.dtype)
+        feats = self.backbone(x, train=train)  # [B, T_f // tubelet, C]
+        feats = vit.resize_features(feats.astype(jnp.float32), self.feature_length)
+        return feats
+
+    def __call__(self, frames, mask, *, train: bool):
+        feats = self.features(frames, train=train)
+        return self.head(feats, mask, train=train)
+
+
+def build_backbone(cfg, dtype) -> nn.Module:
+    kwargs = dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
+    variant = kwargs.pop("variant")
+    kwargs.setdefault("dtype", dtype)
+    for k, v in list(kwargs.items()):
+        if isinstance(v, list):
+            kwargs[k] = tuple(v)
+    return vit.from_variant(variant, **kwargs)
+
+
+def build_head(cfg, dtype) -> nn.Module:
+    kwargs = dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
+    for k, v in list(kwargs.items()):
+        if isinstance(v, list):
+            kwargs[k] = tuple(v)
+    kwargs.setdefault("dtype", dtype)
+    return actionformer.ActionFormer(**kwargs)
+
+
+def build_detector(config) -> Detector:
+    """The detector for a full config: the grid length T comes from `config.data`."""
+    model_cfg = config.model
+    dtype = DTYPES[model_cfg.dtype]
+    length = loader_lib.grid_length(config.data)
+    head_cfg = dict(model_cfg.head.to_dict(), max_seq_len=length)
+    return Detector(backbone=build_backbone(model_cfg.backbone, dtype),
+                    head=build_head(head_cfg, dtype), feature_length=length, dtype=dtype)
+
+
+def input_shapes(config, batch_size: int):
+    """Shapes (frames, mask) of a batch for `config`, without reading data."""
+    d = config.data
+    frames = loader_lib.num_input_frames(d)
+    size = int(d.img_size)
+    return (batch_size, frames, size, size, 3), (batch_size, loader_lib.grid_length(d))
+
+
+def points_for(config) -> np.ndarray:
+    from tadjax.detection import points as points_lib
+    m = config.model
+    return points_lib.make_points(loader_lib.grid_length(config.data), strides=tuple(m.strides),
+                                  regress_ranges=tuple(tuple(r) for r in m.regress_ranges))

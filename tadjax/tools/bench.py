@@ -1,0 +1,128 @@
+"""Benchmarks that print figures (not tests). One subcommand per benchmark:
+
+  python -m tadjax.tools.bench step --config configs/adatad_thumos_s.py [--frames 256]
+         [--dtype float32|bfloat16] [--steps 3] [--json]
+      median wall time of a training step on random input, and the process's peak memory
+  python -m tadjax.tools.bench loader [--json]     loader throughput (frames/s at 160 px)
+  python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
+
+Run each on an otherwise idle machine, and compare ratios measured in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def load_config(path: str, overrides: list[str]):
+    """A config file plus --config.x=y style overrides, without absl's global flags."""
+    from absl import flags
+    from ml_collections import config_flags
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, "config", flag_values=fv, lock_config=True)
+    fv(["bench", f"--config={path}", *overrides])
+    return fv.config
+
+
+def bench_step(args, overrides) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tadjax.models import detector as detector_lib
+    from tadjax.train import state as state_lib
+    from tadjax.train.trainer import Run
+
+    extra = []
+    if args.dtype:
+        extra += [f"--config.model.dtype={args.dtype}"]
+    config = load_config(args.config, overrides + extra)
+    if args.frames:
+        # Frames fed to the backbone; in window mode the detector grid has frames / scale_factor
+        # positions, in resize mode it keeps its length.
+        with config.unlocked():
+            if config.data.mode == "window":
+                config.data.window = args.frames // int(config.data.scale_factor)
+            else:
+                config.data.scale_factor = args.frames // int(config.data.resize_length)
+    run = Run(config, None, with_data=False)
+    tx, _ = run.make_tx(steps_per_epoch=100)
+    state = run.init_state(tx)
+    b = int(args.batch_size or config.data.batch_size)
+    frames_shape, mask_shape = detector_lib.input_shapes(config, b)
+    rng = np.random.default_rng(0)
+    m = int(config.data.max_gt)
+    t = mask_shape[1]
+    starts = rng.uniform(0, t * 0.8, size=(b, m)).astype(np.float32)
+    lengths = rng.uniform(2, t * 0.2, size=(b, m)).astype(np.float32)
+    batch = {
+        "frames": jnp.asarray(rng.integers(0, 256, frames_shape, dtype=np.uint8)),
+        "mask": jnp.ones(mask_shape, bool),
+        "gt_segments": jnp.asarray(np.stack([starts, np.minimum(starts + lengths, t)], -1)),
+        "gt_labels": jnp.asarray(rng.integers(0, int(config.model.head.num_classes), (b, m)), jnp.int32),
+        "gt_valid": jnp.asarray(np.arange(m)[None, :] < 4).repeat(b, 0),
+    }
+    step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
+    t0 = time.time()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    first = time.time() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.time()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.time() - t0)
+    return {"benchmark": "step", "config": args.config, "frames": frames_shape[1],
+            "img_size": frames_shape[2], "batch_size": b, "dtype": config.model.dtype,
+            "remat_policy": config.model.backbone.remat_policy,
+            "step_seconds": statistics.median(times), "step_seconds_all": times,
+            "first_step_seconds": first, "peak_rss_bytes": peak_rss_bytes(),
+            "loss": float(metrics["loss"])}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m tadjax.tools.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="name", required=True)
+    p = sub.add_parser("step", help="training step time and peak memory")
+    p.add_argument("--config", required=True)
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("loader", help="loader throughput")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p = sub.add_parser("eval", help="evaluation speed on THUMOS14")
+    from tadjax.tools import bench_eval
+    bench_eval.add_arguments(p)
+    if not any(a.dest == "json" for a in p._actions):
+        p.add_argument("--json", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    if args.name == "step":
+        out = bench_step(args, overrides)
+    elif args.name == "loader":
+        from tadjax.tools import bench_loader_cmd
+        out = bench_loader_cmd.run(args)
+    elif args.name == "eval":
+        from tadjax.tools import bench_eval
+        out = bench_eval.run(args)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""train_and_evaluate(config, workdir) and evaluate(config, workdir): the loops behind tadjax.main.
+
+A run lives in WORKDIR:
+  checkpoints/<step>/   orbax checkpoints (state, data iterator, config); restarting resumes
+  metrics.jsonl         one JSON line per logged step (and per evaluation)
+  tensorboard/          TensorBoard event files
+  eval/metrics.json     the last evaluation, in the layout of `tadjax.evaluation --json`
+  eval/results.json     the detections, in the official ActivityNet results layout
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tadjax import evaluation
+from tadjax.data import annotations as annotations_lib
+from tadjax.data import loader as loader_lib
+from tadjax.detection import postprocess
+from tadjax.models import detector as detector_lib
+from tadjax.train import checkpoint as ckpt_lib
+from tadjax.train import optimizer as opt_lib
+from tadjax.train import state as state_lib
+from tadjax.train import writers as writers_lib
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def device_peak_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats() if jax.local_devices() else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return None
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """One log line per call with percentage, rate and ETA (works in log files, unlike \\r bars)."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start = total, start
+        self.t0 = time.time()
+
+    def line(self, step: int) -> str:
+        done = step - self.start
+        elapsed = time.time() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        width = 20
+        filled = int(width * step / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        eta_s = _fmt_time(eta) if np.isfinite(eta) else "?"
+        return f"[{bar}] {step}/{self.total} ({100.0 * step / max(self.total, 1):.0f}%) ETA {eta_s}"
+
+
+class Run:
+    """Everything a training or evaluation run needs, built once from the config."""
+
+    def __init__(self, config, workdir: str | None, *, with_data: bool = True):
+        self.config = config
+        self.workdir = workdir
+        self.model = detector_lib.build_detector(config)
+        self.points = detector_lib.points_for(config)
+        self.sources = loader_lib.build_or_load(config.data) if with_data else None
+        self.groups = [dict(g) for g in config.train.param_groups]
+        rng = jax.random.key(int(config.seed))
+        self.init_rng, self.state_rng = jax.random.split(rng)
+        self.abstract_params = jax.eval_shape(
+            lambda r: state_lib.init_params(self.model, config, r), self.init_rng)
+        self.mask = opt_lib.trainable_mask(self.abstract_params, self.groups)
+
+    def class_names(self) -> list[str]:
+        return self.eval_source().classes
+
+    def eval_source(self):
+        return loader_lib._split(self.sources, self.config.data.eval_subset)
+
+    def eval_ground_truth(self) -> annotations_lib.AnnotationSet:
+        """The evaluation subset's ground truth, as stored in the built dataset."""
+        source = self.eval_source()
+        videos = {}
+        for r in source.records:
+            videos[r["video_id"]] = annotations_lib.VideoAnnotation(
+                video_id=r["video_id"], subset=source.split, duration=float(r["duration"]),
+                fps=loader_lib.annotation_fps(r), num_frames=int(r["num_frames"]),
+                segments=np.asarray(r["segments"], np.float64).reshape(-1, 2),
+                labels=np.asarray(r["labels"], np.int32))
+        return annotations_lib.AnnotationSet(classes=list(source.classes),
+                                             videos=dict(sorted(videos.items())),
+                                             source=source.data_dir)
+
+    # -- schedule -----------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        source = loader_lib._split(self.sources, self.config.data.train_subset)
+        n = len(loader_lib.train_indices(self.config.data, source))
+        return max(n // int(self.config.data.batch_size), 1)
+
+    def make_tx(self, steps_per_epoch: int | None = None):
+        spe = steps_per_epoch or self.steps_per_epoch()
+        t = self.config.train
+        return opt_lib.make_optimizer(self.abstract_params, self.groups,
+                                      warmup_steps=int(t.warmup_epochs * spe),
+                                      total_steps=int(t.epochs * spe), grad_clip=float(t.grad_clip))
+
+    def init_state(self, tx):
+        def init(rng_init, rng_state):
+            params = state_lib.init_params(self.model, self.config, rng_init)
+            return state_lib.create_state(params, tx, self.mask, rng=rng_state,
+                                          init_loss_norm=float(self.config.model.init_loss_norm))
+        return jax.jit(init)(self.init_rng, self.state_rng)
+
+    def abstract_state(self, tx):
+        def init(rng_init, rng_state):
+            params = state_lib.init_params(self.model, self.config, rng_init)
+            return state_lib.create_state(params, tx, self.mask, rng=rng_state,
+                                          init_loss_norm=float(self.config.model.init_loss_norm))
+        return jax.eval_shape(init, self.init_rng, self.state_rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+def tiou_thresholds(spec: str) -> np.ndarray:
+    if spec in evaluation.THRESHOLDS:
+        return np.asarray(evaluation.THRESHOLDS[spec], np.float64)
+    start, stop, num = spec.split(":")
+    return np.linspace(float(start), float(stop), int(num))
+
+
+def predict_videos(run: Run, params, predict_step=None) -> dict[str, dict]:
+    """Detections (seconds) for every video of the eval subset, after post-processing."""
+    cfg, ecfg = run.config, run.config.eval
+    if predict_step is None:
+        predict_step = state_lib.make_predict_step(run.model)
+    per_video: dict[str, list] = {}
+    videos = loader_lib.eval_videos(cfg.data, run.sources)
+    for batch in loader_lib.eval_batches(cfg.data, run.sources, int(ecfg.batch_size)):
+        out = jax.device_get(predict_step(params, jnp.asarray(batch["frames"]),
+                                          jnp.asarray(batch["mask"])))
+        for i in range(out["cls_logits"].shape[0]):
+            if not batch["valid"][i]:
+                continue
+            meta = videos[int(batch["video_index"][i])]
+            det = postprocess.decode(out["cls_logits"][i], out["reg"][i], run.points,
+                                     out["point_mask"][i],
+                                     pre_nms_thresh=float(ecfg.pre_nms_thresh),
+                                     pre_nms_topk=int(ecfg.pre_nms_topk))
+            segs = loader_lib.grid_to_seconds(meta, det.segments, int(batch["grid_start"][i]))
+            segs = np.clip(segs, 0.0, meta["duration"])
+            per_video.setdefault(meta["video_id"], []).append((segs, det.scores, det.labels))
+    classifier = load_classifier(ecfg.classifier, run.class_names()) if ecfg.classifier else None
+    results = {}
+    for vid, parts in per_video.items():
+        segs = np.concatenate([p[0] for p in parts])
+        scs = np.concatenate([p[1] for p in parts])
+        labs = np.concatenate([p[2] for p in parts])
+        det = postprocess.soft_nms(
+            segs, scs, labs, sigma=float(ecfg.nms_sigma), min_score=float(ecfg.min_score),
+            max_segments=int(ecfg.max_segments),
+            class_agnostic=ecfg.nms_mode == "class_agnostic")
+        ksegs, kscs, klabs = det.segments, det.scores, det.labels
+        if ecfg.voting_thresh > 0:
+            ksegs = postprocess.iou_voting(ksegs, segs, scs, threshold=float(ecfg.voting_thresh))
+        if classifier is not None:
+            if vid not in classifier:
+                raise KeyError(f"{ecfg.classifier}: no classifier scores for video {vid!r}")
+            ksegs, kscs, klabs = postprocess.fuse_video_classifier(
+                ksegs, kscs, classifier[vid], topk=int(ecfg.classifier_topk),
+                mode=ecfg.classifier_mode,
+                max_outputs=int(ecfg.max_predictions) or len(kscs) * int(ecfg.classifier_topk))
+        elif ecfg.max_predictions:
+            ksegs, kscs, klabs = (ksegs[: int(ecfg.max_predictions)],
+                                  kscs[: int(ecfg.max_predictions)],
+                                  klabs[: int(ecfg.max_predictions)])
+        results[vid] = {"segments": np.asarray(ksegs), "scores": np.asarray(kscs),
+                        "labels": np.asarray(klabs)}
+    return results
+
+
+def load_classifier(path: str, classes: list[str]) -> dict[str, np.ndarray]:
+    """External video-level classifier JSON (CUHK layout: {"class": [names], "results":
+    {video_id: [scores]}}) -> {video_id: scores in `classes` order}."""
+    with open(path) as f:
+        data = json.load(f)
+    for field in ("class", "results"):
+        if field not in data:
+            raise KeyError(f"{path}: classifier JSON has no {field!r} field")
+    names = list(data["class"])
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise KeyError(f"{path}: classifier has no scores for classes {missing[:10]}")
+    order = np.asarray([names.index(c) for c in classes])
+    out = {}
+    for vid, scores in data["results"].items():
+        scores = np.asarray(scores, np.float64)
+        if scores.shape != (len(names),):
+            raise ValueError(f"{path}: video {vid!r} has {scores.shape} scores, expected {len(names)}")
+        vid = vid[2:] if vid.startswith("v_") and vid[2:] not in data["results"] else vid
+        out[vid] = scores[order]
+    return out
+
+
+def evaluate_params(run: Run, params, *, out_dir: str, predict_step=None) -> dict:
+    t0 = time.time()
+    predictions = predict_videos(run, params, predict_step)
+    gt = run.eval_ground_truth()
+    os.makedirs(out_dir, exist_ok=True)
+    evaluation.write_results(os.path.join(out_dir, "results.json"), predictions, gt.classes)
+    result = evaluation.evaluate_detection(gt, predictions, tiou_thresholds(run.config.eval.tious))
+    summary = {"mAP": result["mAP"], "average_mAP": result["average_mAP"],
+               "seconds": time.time() - t0}
+    tmp = os.path.join(out_dir, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    logging.info("evaluation on %d videos:\n%s", len(gt.videos), evaluation.format_table(result))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    writer = writers_lib.create_writer(workdir, just_logging=not is_main)
+    run = Run(config, workdir)
+    tx, schedules = run.make_tx()
+    spe = run.steps_per_epoch()
+    end_step = int(config.train.end_epoch * spe)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=int(config.train.keep_checkpoints),
+                                 keep_best=int(config.train.keep_best))
+    train_iter = loader_lib.train_iterator(config.data, run.sources, seed=int(config.seed),
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, run.abstract_state(tx), data_iterator=train_iter)
+        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    else:
+        state = run.init_state(tx)
+        if is_main:
+            from clu import parameter_overview
+            logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
+                state["params"], include_stats=False))
+    n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract_params))
+    n_train = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(run.abstract_params),
+                                                          jax.tree.leaves(run.mask)) if m)
+    logging.info("parameters: %s total, %s trainable; %d steps per epoch, training to step %d",
+                 f"{n_total:,}", f"{n_train:,}", spe, end_step)
+    train_step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
+    predict_step = state_lib.make_predict_step(run.model)
+    config_json = config.to_json_best_effort()
+
+    step = int(state["step"])
+    progress = Progress(end_step, step)
+    frames_per_batch = int(np.prod(detector_lib.input_shapes(config, int(config.data.batch_size))[0][:2]))
+    t_log, n_log = time.time(), 0
+    summary = None
+    eval_steps = {int(e * spe) for e in range(int(config.train.eval_start_epoch) + 1,
+                                                int(config.train.end_epoch) + 1)
+                  if (e - int(config.train.eval_start_epoch) - 1) % int(config.train.eval_every_epochs) == 0}
+    eval_steps.add(end_step)
+    while step < end_step:
+        batch = next(train_iter)
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        state, metrics = train_step(state, batch)
+        step += 1
+        n_log += 1
+        if step % int(config.train.log_every_steps) == 0 or step == end_step:
+            metrics = jax.device_get(metrics)
+            dt = time.time() - t_log
+            scalars = {k: float(v) for k, v in metrics.items()}
+            scalars["lr_" + next(iter(schedules))] = float(next(iter(schedules.values()))(step))
+            scalars["frames_per_second"] = n_log * frames_per_batch / max(dt, 1e-9)
+            scalars["peak_rss_gb"] = peak_rss_bytes() / 1e9
+            dev = device_peak_bytes()
+            if dev is not None:
+                scalars["device_peak_gb"] = dev / 1e9
+            writer.write_scalars(step, scalars)
+            logging.info("%s loss %.4f (cls %.4f reg %.4f) %.1f frames/s peak %.2f GB",
+                         progress.line(step), scalars["loss"], scalars["cls_loss"],
+                         scalars["reg_loss"], scalars["frames_per_second"], scalars["peak_rss_gb"])
+            t_log, n_log = time.time(), 0
+        eval_now = step in eval_steps
+        if eval_now:
+            summary = evaluate_params(run, state_lib.eval_params(state, run.mask),
+                                      out_dir=os.path.join(workdir, "eval"),
+                                      predict_step=predict_step)
+            writer.write_scalars(step, {"eval/average_mAP": summary["average_mAP"],
+                                        **{f"eval/mAP@{k}": v for k, v in summary["mAP"].items()}})
+        if eval_now or step % int(config.train.checkpoint_every_steps) == 0:
+            ckpt.save(step, state, data_iterator=train_iter, config_json=config_json,
+                      metrics={"average_mAP": summary["average_mAP"]} if eval_now else None)
+    ckpt.close()
+    writer.flush()
+    writer.close()
+    if summary is None:  # resumed after the last step: report the saved figures
+        summary = evaluate(config, workdir)
+    return summary
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> dict:
+    """Evaluate a checkpoint of WORKDIR (latest unless `step`) with its EMA weights."""
+    run = Run(config, workdir)
+    tx, _ = run.make_tx()
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state = ckpt.restore(step, run.abstract_state(tx))
+    ckpt.close()
+    return evaluate_params(run, state_lib.eval_params(state, run.mask),
+                           out_dir=os.path.join(workdir, "eval"))
