@@ -8,7 +8,7 @@ import pytest
 
 from tadjax import tree
 from tadjax.detection.points import level_lengths, make_points
-from tadjax.models.actionformer import ActionFormer, MaskedMHCA
+from tadjax.models.actionformer import ActionFormer, MaskedMHCA, _resize_linear, sinusoid_table
 
 # Tests compile a handful of small programs; cheap XLA settings keep that to seconds on 2 cores.
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -233,3 +233,19 @@ def test_local_attention_window():
     assert not np.allclose(loc[1], loc[0])
     assert not np.allclose(glob[1, 3], glob[0, 3])
     np.testing.assert_allclose(wid, glob, rtol=1e-5, atol=1e-6)
+
+
+def test_sinusoid_position_table_and_resize():
+    table = sinusoid_table(16, 8)
+    np.testing.assert_allclose(table[0], [0, 1] * 4)
+    np.testing.assert_allclose(table[3, :4], [math.sin(3), math.cos(3), math.sin(3 / 10000 ** 0.25),
+                                              math.cos(3 / 10000 ** 0.25)], rtol=1e-6)
+    np.testing.assert_array_equal(_resize_linear(table, 16), table)
+    # Linear, align_corners=False: output 0 of a 2x upsampling sits at source -0.25 -> clamped.
+    up = _resize_linear(table, 32)
+    np.testing.assert_allclose(up[0], table[0])
+    np.testing.assert_allclose(up[1], 0.75 * table[0] + 0.25 * table[1], rtol=1e-6)
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.functional.interpolate(torch.tensor(table).T[None], 40, mode="linear",
+                                          align_corners=False)[0].T.numpy()
+    np.testing.assert_allclose(_resize_linear(table, 40), ref, rtol=1e-5, atol=1e-6)

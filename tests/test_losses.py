@@ -58,8 +58,11 @@ def test_update_normalizer():
 # (12, stride 4) with (0.5, 2).
 POINTS = make_points(32)
 P = len(POINTS)
+# Cheap XLA settings: these tiny programs need compiling fast, not running fast.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _loss = jax.jit(detection_loss, static_argnames=("num_classes", "normalizer_momentum",
-                                                 "label_smoothing", "loss_weight"))
+                                                 "label_smoothing", "loss_weight"),
+                compiler_options=FAST)
 X0 = -1.0
 
 
@@ -128,10 +131,12 @@ def test_detection_loss_batch_with_padded_gt_and_no_positives():
     empty = dict(gt_segments=jnp.zeros((1, 2, 2)), gt_labels=jnp.zeros((1, 2), int),
                  gt_valid=jnp.zeros((1, 2), bool))
     out = _outputs()
-    loss_fn = lambda cls, reg: _loss(dict(out, cls_logits=cls, reg=reg), POINTS, **empty,
-                                     num_classes=3, normalizer=100.0, normalizer_momentum=0.9)
-    (total, aux), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        out["cls_logits"], out["reg"])
+    loss_fn = lambda cls, reg: detection_loss(dict(out, cls_logits=cls, reg=reg), POINTS,
+                                              **empty, num_classes=3, normalizer=100.0,
+                                              normalizer_momentum=0.9)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True),
+                      compiler_options=FAST)
+    (total, aux), grads = grad_fn(out["cls_logits"], out["reg"])
     assert float(aux["reg_loss"]) == 0.0 and float(aux["num_pos"]) == 0.0
     assert float(aux["normalizer"]) == pytest.approx(90.1)
     assert np.all(np.isfinite(np.asarray(grads[0]))) and np.any(np.asarray(grads[0]))

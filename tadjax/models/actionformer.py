@@ -60,6 +60,11 @@ def torch_default_bias_init(fan_in: int):
     return init
 
 
+def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm over channels; two-pass variance (as PyTorch), statistics in float32."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
 def _mask(mask, dtype):
     return mask[..., None].astype(dtype)
 
@@ -76,7 +81,7 @@ class ConvModule(nn.Module):
         x = nn.Conv(self.features, (self.kernel_size,), padding=[(pad, pad)], use_bias=False,
                     kernel_init=torch_default_kernel_init, dtype=self.dtype, name="conv")(x)
         m = _mask(mask, x.dtype)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x * m)
+        x = layer_norm(1e-6, self.dtype, "norm")(x * m)
         return nn.relu(x) * m
 
 
@@ -112,7 +117,7 @@ class MaskedMHCA(nn.Module):
                         feature_group_count=channels, use_bias=False,
                         kernel_init=torch_default_kernel_init, dtype=self.dtype,
                         name=f"{name}_conv")(x)
-            return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=f"{name}_norm")(y * m)
+            return layer_norm(1e-5, self.dtype, f"{name}_norm")(y * m)
 
         def dense(name):
             return nn.Dense(channels, kernel_init=torch_default_kernel_init,
@@ -186,7 +191,7 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, mask, *, train: bool):
         channels = x.shape[-1]
-        h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln1")(x)
+        h = layer_norm(1e-5, self.dtype, "ln1")(x)
         out, out_mask = MaskedMHCA(self.n_head, self.stride, self.window_size, dtype=self.dtype,
                                    name="attn")(h, mask)
         m = _mask(out_mask, out.dtype)
@@ -197,7 +202,7 @@ class TransformerBlock(nn.Module):
             out = AffineDropPath(self.path_pdrop, name="drop_path_attn")(out, train=train)
         out = skip * m + out
 
-        h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln2")(out)
+        h = layer_norm(1e-5, self.dtype, "ln2")(out)
         h = Mlp(4 * channels, dtype=self.dtype, name="mlp")(h) * m
         if self.path_pdrop > 0:
             h = AffineDropPath(self.path_pdrop, name="drop_path_mlp")(h, train=train)
@@ -210,7 +215,7 @@ class Neck(nn.Module):
 
     @nn.compact
     def __call__(self, feats):
-        return [nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm_{l}")(f)
+        return [layer_norm(1e-6, self.dtype, f"norm_{l}")(f)
                 for l, f in enumerate(feats)]
 
 
