@@ -1,0 +1,143 @@
+"""Temporal-Informative Adapter (TIA) of AdaTAD, and which backbone parameters train in each mode.
+
+A TIA sits after a complete ViT block (spec §3). With z the block output, seen as a video-long
+sequence of L = K·8 temporal tokens at each of the h·w spatial sites:
+
+    a  = GELU_exact(z W_down + b_down)                      # C -> C_r = floor(ratio·C)
+    a' = a + PW(DW(a))                                      # DW: depthwise, k=3, over all L tokens
+    TIA(z) = z + gamma · (a' W_up + b_up)                   # W_up, b_up = 0 at init: identity
+
+The depthwise convolution crosses the 16-frame chunk boundaries (that is the point of the adapter);
+zeros are padded only at the two ends of the window. The side ("ladder") variant uses the same
+module without the outer `z +` residual.
+
+Parameter names (the public path API): `down/{kernel,bias}` [C, C_r], `dwconv/{kernel,bias}`
+with the kernel laid out like a flax 1-D depthwise conv, [3, 1, C_r] (PyTorch [C_r, 1, 3] transposed),
+`pwconv/{kernel,bias}` [C_r, C_r] (a 1x1 conv as a dense layer), `up/{kernel,bias}` [C_r, C], and
+the scalar `gamma` of shape ().
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+ADAPTER_MODES = ("adapter", "frozen", "full", "side", "none")
+
+
+def trunc_normal(std: float, bound: float = 2.0):
+    """PyTorch/mmengine `trunc_normal_(std=std, a=-bound, b=bound)`: the cut-offs are absolute
+    values, so for std=0.02 this is a plain N(0, std) in practice (not cut at ±2 std)."""
+    return nn.initializers.truncated_normal(std, lower=-bound / std, upper=bound / std)
+
+
+def adapter_width(embed_dim: int, ratio: float) -> int:
+    """C_r = floor(ratio · C), as the reference's `int(C * ratio)`."""
+    width = int(embed_dim * ratio)
+    if width < 1:
+        raise ValueError(f"adapter_ratio={ratio} gives an empty bottleneck for embed_dim={embed_dim}")
+    return width
+
+
+def temporal_depthwise_conv(a: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Depthwise cross-correlation with kernel 3 along axis 1, zero padding 1 at both ends.
+
+    a: [B, L, ..., C]; kernel: [3, 1, C] (flax depthwise layout); bias: [C].
+    out[:, l] = k[0]·a[:, l-1] + k[1]·a[:, l] + k[2]·a[:, l+1] + b, with a[:, -1] = a[:, L] = 0.
+    Written with shifts instead of a convolution so no transpose of the large activation is needed.
+    """
+    k = kernel.reshape(3, kernel.shape[-1]).astype(a.dtype)
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (1, 1)
+    padded = jnp.pad(a, pad)
+    length = a.shape[1]
+    prev = jax.lax.slice_in_dim(padded, 0, length, axis=1)
+    nxt = jax.lax.slice_in_dim(padded, 2, length + 2, axis=1)
+    return prev * k[0] + a * k[1] + nxt * k[2] + bias.astype(a.dtype)
+
+
+class TemporalDepthwiseConv(nn.Module):
+    """Depthwise Conv1d (k=3, pad 1, with bias) along axis 1; init N(0, sqrt(2/3)) as the reference
+    (PyTorch weight [C, 1, 3] is stored here as [3, 1, C])."""
+
+    channels: int
+
+    @nn.compact
+    def __call__(self, a: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / 3.0)),
+                            (3, 1, self.channels), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.channels,), jnp.float32)
+        return temporal_depthwise_conv(a, kernel, bias)
+
+
+class TemporalInformativeAdapter(nn.Module):
+    """TIA on the token stream of one ViT block.
+
+    Attributes:
+      embed_dim: ViT width C.
+      ratio: bottleneck ratio; C_r = floor(ratio · C) (1/4 in AdaTAD, 1/8 in the g side config).
+      residual: True for the serial TIA (z + ...), False for the side/ladder adapter.
+      dtype: computation dtype (parameters stay float32).
+    """
+
+    embed_dim: int
+    ratio: float = 0.25
+    residual: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, *, videos: int, time_tokens: int) -> jax.Array:
+        """z: [videos·K, t·h·w, C] with t = time_tokens (8 for 16-frame chunks, tubelet 2).
+
+        The K chunks of each video are contiguous and in temporal order along axis 0, and tokens
+        inside a chunk are t-major, so [videos, K·t, h·w, C] is a free reshape whose axis 1 is
+        the video-long temporal axis. Returns z's shape.
+        """
+        rows, tokens, channels = z.shape
+        if channels != self.embed_dim:
+            raise ValueError(f"TIA expects {self.embed_dim} channels, got {channels}")
+        if rows % videos or tokens % time_tokens:
+            raise ValueError(f"TIA: input {z.shape} does not split into {videos} videos with "
+                             f"{time_tokens} temporal tokens per chunk")
+        width = adapter_width(self.embed_dim, self.ratio)
+
+        def dense(features, name, kernel_init):
+            return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+                            kernel_init=kernel_init, bias_init=nn.initializers.zeros)
+
+        a = dense(width, "down", trunc_normal(0.02))(z)
+        a = nn.gelu(a, approximate=False)
+        a = a.reshape(videos, (rows // videos) * time_tokens, tokens // time_tokens, width)
+        u = TemporalDepthwiseConv(width, name="dwconv")(a)
+        u = dense(width, "pwconv", nn.initializers.normal(math.sqrt(2.0 / width)))(u)
+        a = (a + u).reshape(rows, tokens, width)
+        out = dense(channels, "up", nn.initializers.zeros)(a)
+        gamma = self.param("gamma", nn.initializers.ones, (), jnp.float32)
+        out = out * gamma.astype(out.dtype)
+        return z + out if self.residual else out
+
+
+def trainable_regex(mode: str, prefix: str = "backbone") -> list[str]:
+    """Regexes (re.search on '/'-joined parameter paths) of the backbone parameters that train.
+
+    They match where the module lets gradients reach: "adapter" -> the TIAs only (the ViT weights
+    are stop_gradient'ed inside the module), "side" -> the side adapters only, "full" -> every
+    backbone parameter, "frozen" -> nothing. "none" (a plain ViT, e.g. for feature extraction or
+    parity tests) builds the same module as "full" and trains the same. `prefix` is the backbone's name in the
+    caller's parameter tree.
+    """
+    p = re.escape(prefix)
+    table = {
+        "adapter": [rf"^{p}/blocks_\d+/adapter/"],
+        "side": [rf"^{p}/side_adapters_\d+/"],
+        "full": [rf"^{p}/"],
+        "frozen": [],
+        "none": [rf"^{p}/"],
+    }
+    if mode not in table:
+        raise ValueError(f"unknown adapter mode {mode!r}; expected one of {ADAPTER_MODES}")
+    return table[mode]

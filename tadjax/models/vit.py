@@ -1,0 +1,434 @@
+"""VideoMAE / VideoMAEv2 ViT backbone with AdaTAD's temporal-informative adapters (spec §§2-3).
+
+Data flow for frames [B, T_f, H, W, 3] (already normalised), K = T_f / 16 chunks per video:
+
+    chunks [B·K, 16, H, W, 3] --tubelet 2xpxp--> tokens [B·K, 8·h·w, C] (+ fixed sinusoid table)
+    --blocks (attention inside each chunk; each TIA mixes time across the whole video)-->
+    tokens --mean over h, w--> features [B, K·8, C]     (no final LayerNorm: the reference has none)
+
+`resize_features` then resamples [B, K·8, C] to the detector's length exactly as PyTorch
+`F.interpolate(mode="linear", align_corners=False)`.
+
+Parameter paths (public API, relative to the caller's name for this module, e.g. `backbone/`):
+`patch_embed/{kernel [2,p,p,3,C], bias}`, `blocks_{i}/norm1/{scale,bias}`,
+`blocks_{i}/attn/qkv/kernel [C,3C]` (no bias), `blocks_{i}/attn/{q_bias,v_bias}`,
+`blocks_{i}/attn/proj/{kernel,bias}`, `blocks_{i}/norm2/...`, `blocks_{i}/mlp/{fc1,fc2}/...`,
+`blocks_{i}/adapter/...` (see adapters.py), and `side_adapters_{i}/...` in "side" mode, where i is
+the index of the tapped block. There is no `fc_norm` (the reference never uses it).
+
+Adapter modes (`adapter_mode`; spec §3.5):
+  "adapter": a TIA after each block of `adapter_blocks`; the ViT weights are stop_gradient'ed,
+             activation gradients flow through the frozen blocks to earlier TIAs.
+  "frozen":  plain ViT, output stop_gradient'ed (nothing in the backbone gets a gradient).
+  "full":    plain ViT, everything differentiable (full fine-tuning). "none" is the same module.
+  "side":    plain ViT under stop_gradient; out = f_last + sum_i TIA'_i(f_i) over the outputs f_i of
+             the blocks in `adapter_blocks`, TIA' being the TIA without its outer residual.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from tadjax.models.adapters import ADAPTER_MODES, TemporalInformativeAdapter, trunc_normal
+from tadjax.models.remat import REMAT_POLICIES, remat
+
+# Spec §2.1. head_dim = embed_dim / num_heads (64, 64, 64, 80, 88).
+VARIANTS = {
+    "S": dict(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16),
+    "B": dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=16),
+    "H": dict(embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=16),
+    "g": dict(embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144, patch_size=14),
+}
+
+LAYER_NORM_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- position table
+
+def sinusoid_table(positions: int, dim: int) -> np.ndarray:
+    """[positions, dim] float32: angle = pos / 10000^(2·floor(j/2)/dim); sin on even j, cos on odd j."""
+    pos = np.arange(positions, dtype=np.float64)[:, None]
+    j = np.arange(dim)
+    angle = pos / np.power(10000.0, 2 * (j // 2) / dim)[None, :]
+    table = np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
+    return table.astype(np.float32)
+
+
+def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
+    """The four PyTorch cubic-convolution weights for taps at offsets -1, 0, 1, 2 from floor(src)."""
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+    """[out, in] float64 matrix of PyTorch's bicubic resize (align_corners=False, no antialias).
+
+    src = (dst + 0.5)·in/out - 0.5 (not clamped, unlike linear), taps floor(src)-1 .. floor(src)+2
+    clamped to the border, weights from Keys' cubic with A = -0.75.
+    """
+    scale = in_size / out_size
+    src = (np.arange(out_size) + 0.5) * scale - 0.5
+    base = np.floor(src)
+    weights = _cubic_weights(src - base, a)
+    matrix = np.zeros((out_size, in_size))
+    for tap in range(4):
+        idx = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
+        np.add.at(matrix, (np.arange(out_size), idx), weights[:, tap])
+    return matrix
+
+
+def position_table(dim: int, time_tokens: int, pretrain_grid: int, grid: tuple[int, int]) -> np.ndarray:
+    """The fixed table [time_tokens·h·w, dim] (t-major, then h, then w) for an h×w token grid.
+
+    The table is built for the pretraining grid (pretrain_grid²) and, if the grid differs, each of
+    the time_tokens slices is resized spatially with PyTorch bicubic (spec §2.3). Time is never
+    resized. Computed in float64 from the float32 table, returned as float32.
+    """
+    table = sinusoid_table(time_tokens * pretrain_grid ** 2, dim)
+    h, w = grid
+    if (h, w) == (pretrain_grid, pretrain_grid):
+        return table
+    slices = table.reshape(time_tokens, pretrain_grid, pretrain_grid, dim).astype(np.float64)
+    rows, cols = bicubic_matrix(pretrain_grid, h), bicubic_matrix(pretrain_grid, w)
+    resized = np.einsum("hi,wj,tijc->thwc", rows, cols, slices)
+    return resized.reshape(time_tokens * h * w, dim).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- feature resize
+
+def linear_resize_indices(in_size: int, out_size: int):
+    """(i0, i1, w0, w1) of PyTorch 1-D linear interpolation, align_corners=False, size given.
+
+    src = max((dst + 0.5)·in/out - 0.5, 0); i0 = floor(src); i1 = min(i0 + 1, in - 1);
+    out = w0·x[i0] + w1·x[i1] with w1 = src - i0, w0 = 1 - w1.
+    """
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = src - i0
+    return i0, i1, 1.0 - w1, w1
+
+
+def resize_features(x: jax.Array, length: int) -> jax.Array:
+    """[B, L, C] -> [B, length, C] by PyTorch linear interpolation (align_corners=False).
+
+    Identity when length == L; averaging adjacent pairs when length == L/2.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"resize_features expects [B, L, C], got shape {x.shape}")
+    i0, i1, w0, w1 = linear_resize_indices(x.shape[1], length)
+    w0 = jnp.asarray(w0, x.dtype)[None, :, None]
+    w1 = jnp.asarray(w1, x.dtype)[None, :, None]
+    return x[:, i0] * w0 + x[:, i1] * w1
+
+
+# ----------------------------------------------------------------------------- block
+
+def drop_path(x: jax.Array, key: jax.Array, rate: jax.Array) -> jax.Array:
+    """Stochastic depth per row of axis 0 (one row = one 16-frame chunk): x / keep or 0."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+class Attention(nn.Module):
+    """Joint space-time self-attention over the tokens of one chunk; qkv bias = [q_bias, 0, v_bias]."""
+
+    embed_dim: int
+    num_heads: int
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rows, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        init = trunc_normal(0.02)
+        qkv = nn.Dense(3 * dim, use_bias=False, kernel_init=init, dtype=self.dtype,
+                       param_dtype=jnp.float32, name="qkv")(x)
+        q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), jnp.float32)
+        v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), jnp.float32)
+        bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+        qkv = (qkv + bias).reshape(rows, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = out.reshape(rows, tokens, dim)
+        return nn.Dense(dim, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
+                        name="proj")(out)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = trunc_normal(0.02)
+        y = nn.Dense(self.hidden_dim, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
+                     name="fc1")(x)
+        y = nn.gelu(y, approximate=False)
+        return nn.Dense(x.shape[-1], kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
+                        name="fc2")(y)
+
+
+class Block(nn.Module):
+    """Pre-LN ViT block, then (optionally) its TIA: y = TIA(Block(x)).
+
+    `adapter_ratio=None` builds a block without adapter. The drop-path key and rate are arguments
+    (not RNG streams / attributes) so that an unrolled loop and a scan over stacked blocks draw
+    the same masks.
+    """
+
+    embed_dim: int
+    num_heads: int
+    mlp_dim: int
+    adapter_ratio: float | None = None
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, drop_key, drop_rate, *, videos: int, time_tokens: int,
+                 use_drop_path: bool):
+        def norm(name):
+            return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=jnp.float32,
+                                name=name)
+
+        def residual(x, y, key):
+            return x + (drop_path(y, key, drop_rate) if use_drop_path else y)
+
+        keys = jax.random.split(drop_key) if use_drop_path else (None, None)
+        y = Attention(self.embed_dim, self.num_heads, self.dtype, self.attention_impl,
+                      name="attn")(norm("norm1")(x))
+        x = residual(x, y, keys[0])
+        y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
+        x = residual(x, y, keys[1])
+        if self.adapter_ratio is not None:
+            x = TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio, dtype=self.dtype,
+                                           name="adapter")(x, videos=videos, time_tokens=time_tokens)
+        return x
+
+
+# ----------------------------------------------------------------------------- backbone
+
+class VisionTransformer(nn.Module):
+    """VideoMAE ViT over 16-frame chunks, with TIA / side adapters (see the module docstring).
+
+    Attributes:
+      embed_dim, depth, num_heads, mlp_dim, patch_size: the size (see VARIANTS).
+      tubelet, chunk_frames: temporal patch and chunk length (2 and 16: 8 temporal tokens/chunk).
+      pretrain_img_size: side of the grid the position table is built for (224 -> 224 // p).
+      drop_path_rate: stochastic depth, linspace(0, rate, depth)[i] for block i, drawn per chunk
+        from the "dropout" RNG stream when train=True; active on frozen blocks too.
+      adapter_mode: "adapter" | "frozen" | "full" | "side" | "none".
+      adapter_blocks: "all" or block indices carrying a TIA ("adapter") or tapped ("side").
+      adapter_ratio: TIA bottleneck ratio.
+      remat_policy: one of remat.REMAT_POLICIES, applied per block (block + its TIA) and per side
+        adapter.
+      scan_blocks: run each run of consecutive same-structure blocks with `lax.scan` over the
+        stacked block parameters (stored unstacked as blocks_0 .. blocks_{depth-1}).
+      dtype: computation dtype; parameters are float32, the residual stream stays float32.
+      attention_impl: `implementation` of jax.nn.dot_product_attention (None = let JAX choose).
+    """
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    tubelet: int = 2
+    chunk_frames: int = 16
+    pretrain_img_size: int = 224
+    drop_path_rate: float = 0.0
+    adapter_mode: str = "adapter"
+    adapter_blocks: str | Sequence[int] = "all"
+    adapter_ratio: float = 0.25
+    remat_policy: str = "none"
+    scan_blocks: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        # A list from a config becomes a tuple so the module stays hashable (jit static args).
+        if not isinstance(self.adapter_blocks, (str, tuple)):
+            object.__setattr__(self, "adapter_blocks", tuple(self.adapter_blocks))
+        super().__post_init__()
+
+    # -- configuration checks and derived structure
+
+    def _adapter_indices(self) -> tuple[int, ...]:
+        if self.adapter_mode not in ADAPTER_MODES:
+            raise ValueError(f"unknown adapter_mode {self.adapter_mode!r}; expected one of {ADAPTER_MODES}")
+        if self.adapter_mode not in ("adapter", "side"):
+            return ()
+        if isinstance(self.adapter_blocks, str):
+            if self.adapter_blocks != "all":
+                raise ValueError(f"adapter_blocks must be 'all' or a list of block indices, "
+                                 f"got {self.adapter_blocks!r}")
+            return tuple(range(self.depth))
+        indices = tuple(sorted(set(int(i) for i in self.adapter_blocks)))
+        bad = [i for i in indices if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"adapter_blocks {bad} out of range for depth {self.depth}")
+        return indices
+
+    def _block_kwargs(self, i: int) -> dict:
+        with_adapter = self.adapter_mode == "adapter" and i in self._adapter_indices()
+        return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                    adapter_ratio=self.adapter_ratio if with_adapter else None, dtype=self.dtype,
+                    attention_impl=self.attention_impl)
+
+    def setup(self):
+        self._adapter_indices()  # validates adapter_mode and adapter_blocks
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.chunk_frames % self.tubelet:
+            raise ValueError(f"chunk_frames {self.chunk_frames} is not a multiple of tubelet {self.tubelet}")
+        kernel = (self.tubelet, self.patch_size, self.patch_size)
+        self.patch_embed = nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID",
+                                   dtype=self.dtype, param_dtype=jnp.float32)
+        self.blocks = [Block(**self._block_kwargs(i)) for i in range(self.depth)]
+        if self.adapter_mode == "side":
+            self.side_adapters = {
+                str(i): TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio, residual=False,
+                                                   dtype=self.dtype)
+                for i in self._adapter_indices()}
+
+    # -- forward
+
+    def __call__(self, frames: jax.Array, *, train: bool = False, return_tokens: bool = False):
+        """frames [B, T_f, H, W, 3], normalised, T_f a multiple of chunk_frames.
+
+        Returns features [B, T_f // tubelet, C] (float32, spatially averaged, before any
+        resize), or (features, tokens [B, K, t·h·w, C]) with return_tokens=True.
+        """
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"VisionTransformer expects frames [B, T, H, W, 3], got {frames.shape}")
+        videos, num_frames, height, width, _ = frames.shape
+        if num_frames % self.chunk_frames:
+            raise ValueError(f"VisionTransformer: {num_frames} frames is not a multiple of "
+                             f"chunk_frames={self.chunk_frames}")
+        if min(height, width) < self.patch_size:
+            raise ValueError(f"VisionTransformer: frames {height}x{width} are smaller than one "
+                             f"{self.patch_size}-px patch")
+        chunks = num_frames // self.chunk_frames
+        x = frames.reshape(videos * chunks, self.chunk_frames, height, width, 3)
+        x = self.patch_embed(x)  # [B·K, t, h, w, C]; VALID drops remainder pixels
+        _, time_tokens, h, w, dim = x.shape
+        pos = position_table(dim, time_tokens, self.pretrain_img_size // self.patch_size, (h, w))
+        x = x.astype(jnp.float32).reshape(videos * chunks, time_tokens * h * w, dim) + pos
+        if self.adapter_mode in ("adapter", "frozen", "side"):
+            x = jax.lax.stop_gradient(x)
+
+        x, taps = self._run_blocks(x, videos=videos, time_tokens=time_tokens, train=train)
+
+        if self.adapter_mode == "side":
+            x = x + self._side_sum(taps, videos=videos, time_tokens=time_tokens)
+        if self.adapter_mode == "frozen":
+            x = jax.lax.stop_gradient(x)
+        tokens = x.reshape(videos, chunks, time_tokens * h * w, dim)
+        features = tokens.reshape(videos, chunks, time_tokens, h * w, dim).mean(axis=3)
+        features = features.reshape(videos, chunks * time_tokens, dim)
+        return (features, tokens) if return_tokens else features
+
+    def _drop_inputs(self, train: bool):
+        use = bool(train) and self.drop_path_rate > 0
+        rates = jnp.asarray(np.linspace(0.0, self.drop_path_rate, self.depth), jnp.float32)
+        if use:
+            keys = jax.random.split(self.make_rng("dropout"), self.depth)
+        else:  # placeholders, never read
+            keys = jnp.zeros((self.depth,), jnp.uint32)
+        return use, keys, rates
+
+    def _run_blocks(self, x, *, videos, time_tokens, train):
+        """Returns (output of the last block, {block index: output} for the side taps)."""
+        use_drop_path, keys, rates = self._drop_inputs(train)
+        tapped = set(self._adapter_indices()) if self.adapter_mode == "side" else set()
+        call_kw = dict(videos=videos, time_tokens=time_tokens, use_drop_path=use_drop_path)
+        taps = {}
+
+        if self.is_initializing():  # create the parameters through the ordinary submodules
+            for i, block in enumerate(self.blocks):
+                x = block(x, keys[i], rates[i], **call_kw)
+                if i in tapped:
+                    taps[i] = jax.lax.stop_gradient(x)
+            return x, taps
+
+        params = [self._block_params(i) for i in range(self.depth)]
+        # Runs of consecutive blocks with the same structure (adapter or not, tapped or not).
+        runs = []
+        for i in range(self.depth):
+            signature = (self._block_kwargs(i)["adapter_ratio"] is not None, i in tapped)
+            if runs and runs[-1][0] == signature:
+                runs[-1][1].append(i)
+            else:
+                runs.append((signature, [i]))
+
+        for (_, is_tap), indices in runs:
+            block = Block(**self._block_kwargs(indices[0]), parent=None)
+
+            def block_fn(p, h, key, rate, block=block):
+                return block.apply({"params": p}, h, key, rate, **call_kw)
+
+            block_fn = remat(block_fn, self.remat_policy)
+            if self.scan_blocks:
+                stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[i] for i in indices])
+                sel = np.asarray(indices)
+
+                def body(h, xs, block_fn=block_fn, is_tap=is_tap):
+                    p, key, rate = xs
+                    h = block_fn(p, h, key, rate)
+                    return h, (jax.lax.stop_gradient(h) if is_tap else None)
+
+                x, outs = jax.lax.scan(body, x, (stacked, keys[sel], rates[sel]))
+                if is_tap:
+                    taps.update({i: outs[j] for j, i in enumerate(indices)})
+            else:
+                for i in indices:
+                    x = block_fn(params[i], x, keys[i], rates[i])
+                    if is_tap:
+                        taps[i] = jax.lax.stop_gradient(x)
+        return x, taps
+
+    def _block_params(self, i: int):
+        """Parameters of block i, with stop_gradient on whatever the mode keeps frozen."""
+        p = self.variables["params"][f"blocks_{i}"]
+        if self.adapter_mode in ("full", "none"):
+            return p
+        if self.adapter_mode == "adapter":
+            return {k: (v if k == "adapter" else jax.lax.stop_gradient(v)) for k, v in p.items()}
+        return jax.lax.stop_gradient(p)
+
+    def _side_sum(self, taps, *, videos, time_tokens):
+        total = 0.0
+        for key, adapter in self.side_adapters.items():
+            f = taps[int(key)]
+            if self.is_initializing():
+                total = total + adapter(f, videos=videos, time_tokens=time_tokens)
+                continue
+            params = self.variables["params"][f"side_adapters_{key}"]
+            module = TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio, residual=False,
+                                                dtype=self.dtype, parent=None)
+            fn = remat(lambda p, f: module.apply({"params": p}, f, videos=videos,
+                                                 time_tokens=time_tokens), self.remat_policy)
+            total = total + fn(params, f)
+        return total
+
+
+def from_variant(name: str, **overrides) -> VisionTransformer:
+    """VisionTransformer of a named size ("S", "B", "L", "H", "g") with attribute overrides."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ViT variant {name!r}; expected one of {sorted(VARIANTS)}")
+    return VisionTransformer(**{**VARIANTS[name], **overrides})

@@ -1,0 +1,143 @@
+"""Temporal-Informative Adapter: a PyTorch reference of spec §3.2, initialisation, the identity at
+zero up-projection, mixing across chunks, the side variant and the trainable-parameter regexes."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tadjax import tree
+from tadjax.models import vit
+from tadjax.models.adapters import (TemporalInformativeAdapter, adapter_width,
+                                    temporal_depthwise_conv, trainable_regex)
+from test_vit import frames, random_params, tiny
+
+
+def test_temporal_depthwise_conv_hand_computed():
+    a = jnp.asarray([1.0, 2.0, 3.0]).reshape(1, 3, 1)
+    kernel = jnp.asarray([1.0, 10.0, 100.0]).reshape(3, 1, 1)
+    out = temporal_depthwise_conv(a, kernel, jnp.asarray([0.5]))
+    # zero padding at both ends: [0·1 + 1·10 + 2·100, 1 + 20 + 300, 2 + 30 + 0·100] + 0.5
+    np.testing.assert_array_equal(np.asarray(out).ravel(), [210.5, 321.5, 32.5])
+
+
+def torch_tia(z, p, videos, chunks, t, h, w, residual):
+    """Spec §3.2 with the reference's layout: [B·K, t·h·w, C] -> per-site sequences [B·h·w, C_r, L]."""
+    T = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+    z = T(z)
+    a = torch.nn.functional.gelu(z @ T(p["down"]["kernel"]) + T(p["down"]["bias"]))
+    width = a.shape[-1]
+    length = chunks * t
+    seq = a.reshape(videos, chunks, t, h, w, width).reshape(videos, length, h, w, width)
+    seq = seq.permute(0, 2, 3, 4, 1).reshape(videos * h * w, width, length)
+    dw = torch.nn.functional.conv1d(seq, T(p["dwconv"]["kernel"]).permute(2, 1, 0),
+                                    T(p["dwconv"]["bias"]), padding=1, groups=width)
+    pw = torch.nn.functional.conv1d(dw, T(p["pwconv"]["kernel"]).T[:, :, None], T(p["pwconv"]["bias"]))
+    seq = seq + pw
+    a = seq.reshape(videos, h, w, width, length).permute(0, 4, 1, 2, 3)
+    a = a.reshape(videos * chunks, t * h * w, width)
+    out = float(p["gamma"]) * (a @ T(p["up"]["kernel"]) + T(p["up"]["bias"]))
+    return (z + out if residual else out).numpy()
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_tia_matches_torch_reference(residual):
+    videos, chunks, t, h, w, c = 2, 3, 4, 2, 3, 16
+    z = np.random.default_rng(0).normal(size=(videos * chunks, t * h * w, c)).astype(np.float32)
+    module = TemporalInformativeAdapter(c, 0.25, residual=residual)
+    params = random_params(_Wrap(module, videos, t), jnp.asarray(z), std=0.5)
+    got = _Wrap(module, videos, t).apply({"params": params}, jnp.asarray(z))
+    ref = torch_tia(z, params["adapter"], videos, chunks, t, h, w, residual)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)
+
+
+class _Wrap:
+    """Gives the TIA the (model, x) interface of `random_params` with its call keywords bound."""
+
+    def __init__(self, module, videos, t):
+        self.module, self.kw = module.clone(name="adapter", parent=None), dict(videos=videos, time_tokens=t)
+
+    def init(self, key, x):
+        return {"params": {"adapter": self.module.init(key, x, **self.kw)["params"]}}
+
+    def apply(self, variables, x):
+        return self.module.apply({"params": variables["params"]["adapter"]}, x, **self.kw)
+
+
+def test_tia_initialisation():
+    c = 384
+    width = adapter_width(c, 0.25)
+    z = jnp.zeros((1, 8, c))
+    p = TemporalInformativeAdapter(c).init(jax.random.key(0), z, videos=1, time_tokens=8)["params"]
+    assert width == 96 and tree.count(p) == 83_905
+    for name in ("up/kernel", "up/bias", "down/bias", "dwconv/bias", "pwconv/bias"):
+        assert not np.any(np.asarray(tree.flatten(p)[name])), name
+    assert float(p["gamma"]) == 1.0 and p["gamma"].shape == ()
+    stds = {"down": 0.02, "dwconv": (2 / 3) ** 0.5, "pwconv": (2 / width) ** 0.5}
+    tolerance = {"down": 0.03, "dwconv": 0.15, "pwconv": 0.05}  # ~3 sigma for the sample sizes
+    for name, std in stds.items():
+        sample = np.asarray(p[name]["kernel"]).std()
+        assert abs(sample / std - 1) < tolerance[name], (name, sample, std)
+
+
+def test_zero_up_projection_gives_the_plain_vit():
+    x = frames((2, 32, 16, 16, 3))
+    adapted = tiny(adapter_mode="adapter")
+    params = tree.flatten(random_params(adapted, x))
+    params = {k: (jnp.zeros_like(v) if "/adapter/up/" in k else v) for k, v in params.items()}
+    plain = {k: v for k, v in params.items() if "/adapter/" not in k}
+    y_adapted = adapted.apply({"params": tree.unflatten(params)}, x)
+    y_plain = tiny(adapter_mode="none").apply({"params": tree.unflatten(plain)}, x)
+    np.testing.assert_array_equal(np.asarray(y_adapted), np.asarray(y_plain))
+
+
+def test_only_adapters_carry_information_across_chunks():
+    x = frames((2, 32, 16, 16, 3))
+    perturbed = x.at[0, :16].add(1.0)  # video 0, chunk 0 only
+    adapted = tiny(adapter_mode="adapter")
+    params = random_params(adapted, x)  # up-projections non-zero
+    plain_params = tree.unflatten({k: v for k, v in tree.flatten(params).items() if "/adapter/" not in k})
+    for mode, p in (("adapter", params), ("none", plain_params)):
+        model = tiny(adapter_mode=mode)
+        before, after = model.apply({"params": p}, x), model.apply({"params": p}, perturbed)
+        assert np.any(np.asarray(before[0, :8] != after[0, :8]))  # the perturbed chunk itself
+        np.testing.assert_array_equal(before[1], after[1])  # the other video never changes
+        neighbour_changed = np.any(np.asarray(before[0, 8:] != after[0, 8:]))
+        assert neighbour_changed == (mode == "adapter"), mode
+
+
+def test_side_mode_is_last_block_plus_parallel_side_adapters():
+    x = frames((1, 32, 16, 16, 3))
+    side = tiny(depth=3, adapter_mode="side", adapter_blocks=[1, 2])
+    params = random_params(side, x)
+    features = side.apply({"params": params}, x)
+
+    def block_output(i):  # tokens after block i, from a plain ViT truncated to i + 1 blocks
+        keep = {k: v for k, v in params.items() if k == "patch_embed" or
+                (k.startswith("blocks_") and int(k.split("_")[1]) <= i)}
+        tokens = tiny(depth=i + 1, adapter_mode="none").apply({"params": keep}, x, return_tokens=True)[1]
+        return tokens.reshape(-1, *tokens.shape[2:])
+
+    expected = block_output(2)
+    for i in (1, 2):
+        tia = TemporalInformativeAdapter(32, residual=False)
+        expected = expected + tia.apply({"params": params[f"side_adapters_{i}"]}, block_output(i),
+                                        videos=1, time_tokens=8)
+    expected = expected.reshape(1, 2, 8, 4, 32).mean(axis=3).reshape(1, 16, 32)
+    np.testing.assert_allclose(np.asarray(features), np.asarray(expected), atol=1e-5, rtol=0)
+
+
+def test_trainable_regex():
+    paths = ["backbone/blocks_3/adapter/up/kernel", "backbone/blocks_3/attn/qkv/kernel",
+             "backbone/patch_embed/kernel", "backbone/side_adapters_7/down/bias",
+             "head/cls/kernel", "other/backbone/blocks_0/adapter/gamma"]
+    match = lambda mode, **kw: [p for p in paths if any(re.search(r, p) for r in trainable_regex(mode, **kw))]
+    assert match("adapter") == ["backbone/blocks_3/adapter/up/kernel"]
+    assert match("side") == ["backbone/side_adapters_7/down/bias"]
+    assert match("full") == match("none") == paths[:4]
+    assert match("frozen") == []
+    assert match("adapter", prefix="other/backbone") == ["other/backbone/blocks_0/adapter/gamma"]
+    with pytest.raises(ValueError, match="adapter mode"):
+        trainable_regex("lora")
