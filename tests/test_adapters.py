@@ -12,7 +12,7 @@ from tadjax import tree
 from tadjax.models import vit
 from tadjax.models.adapters import (TemporalInformativeAdapter, adapter_width,
                                     temporal_depthwise_conv, trainable_regex)
-from test_vit import frames, random_params, tiny
+from test_vit import apply, frames, random_params, run, tiny
 
 
 def test_temporal_depthwise_conv_hand_computed():
@@ -70,7 +70,8 @@ def test_tia_initialisation():
     c = 384
     width = adapter_width(c, 0.25)
     z = jnp.zeros((1, 8, c))
-    p = TemporalInformativeAdapter(c).init(jax.random.key(0), z, videos=1, time_tokens=8)["params"]
+    init = lambda key: TemporalInformativeAdapter(c).init(key, z, videos=1, time_tokens=8)["params"]
+    p = run(init, jax.random.key(0))
     assert width == 96 and tree.count(p) == 83_905
     for name in ("up/kernel", "up/bias", "down/bias", "dwconv/bias", "pwconv/bias"):
         assert not np.any(np.asarray(tree.flatten(p)[name])), name
@@ -88,8 +89,8 @@ def test_zero_up_projection_gives_the_plain_vit():
     params = tree.flatten(random_params(adapted, x))
     params = {k: (jnp.zeros_like(v) if "/adapter/up/" in k else v) for k, v in params.items()}
     plain = {k: v for k, v in params.items() if "/adapter/" not in k}
-    y_adapted = adapted.apply({"params": tree.unflatten(params)}, x)
-    y_plain = tiny(adapter_mode="none").apply({"params": tree.unflatten(plain)}, x)
+    y_adapted = apply(adapted, tree.unflatten(params), x)
+    y_plain = apply(tiny(adapter_mode="none"), tree.unflatten(plain), x)
     np.testing.assert_array_equal(np.asarray(y_adapted), np.asarray(y_plain))
 
 
@@ -101,7 +102,7 @@ def test_only_adapters_carry_information_across_chunks():
     plain_params = tree.unflatten({k: v for k, v in tree.flatten(params).items() if "/adapter/" not in k})
     for mode, p in (("adapter", params), ("none", plain_params)):
         model = tiny(adapter_mode=mode)
-        before, after = model.apply({"params": p}, x), model.apply({"params": p}, perturbed)
+        before, after = apply(model, p, x), apply(model, p, perturbed)
         assert np.any(np.asarray(before[0, :8] != after[0, :8]))  # the perturbed chunk itself
         np.testing.assert_array_equal(before[1], after[1])  # the other video never changes
         neighbour_changed = np.any(np.asarray(before[0, 8:] != after[0, 8:]))
@@ -112,12 +113,12 @@ def test_side_mode_is_last_block_plus_parallel_side_adapters():
     x = frames((1, 32, 16, 16, 3))
     side = tiny(depth=3, adapter_mode="side", adapter_blocks=[1, 2])
     params = random_params(side, x)
-    features = side.apply({"params": params}, x)
+    features = apply(side, params, x)
 
     def block_output(i):  # tokens after block i, from a plain ViT truncated to i + 1 blocks
         keep = {k: v for k, v in params.items() if k == "patch_embed" or
                 (k.startswith("blocks_") and int(k.split("_")[1]) <= i)}
-        tokens = tiny(depth=i + 1, adapter_mode="none").apply({"params": keep}, x, return_tokens=True)[1]
+        tokens = apply(tiny(depth=i + 1, adapter_mode="none"), keep, x, return_tokens=True)[1]
         return tokens.reshape(-1, *tokens.shape[2:])
 
     expected = block_output(2)

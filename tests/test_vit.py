@@ -13,6 +13,29 @@ from tadjax import tree
 from tadjax.models import vit
 from tadjax.models.adapters import trainable_regex
 
+# These tiny programs need compiling fast, not running fast (XLA:CPU, 2 shared cores).
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run(fn, *args):
+    """fn(*args) under jit, compiled with cheap XLA settings."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST)(*args)
+
+
+_COMPILED = {}
+
+
+def apply(model, params, x, rng=None, **kw):
+    """model.apply compiled once per (model, keywords, shapes); rng feeds the "dropout" stream."""
+    key = (model, tuple(sorted(kw.items())), x.shape, x.dtype, rng is None,
+           jax.tree_util.tree_structure(params))
+    if key not in _COMPILED:
+        def fn(p, x, rng):
+            return model.apply({"params": p}, x, rngs={} if rng is None else {"dropout": rng}, **kw)
+        _COMPILED[key] = jax.jit(fn).lower(params, x, rng).compile(compiler_options=FAST)
+    return _COMPILED[key](params, x, rng)
+
+
 TINY = dict(embed_dim=32, depth=4, num_heads=2, mlp_dim=64, patch_size=8, pretrain_img_size=32)
 
 
@@ -158,15 +181,15 @@ def test_matches_huggingface_videomae_tokens():
                                   pretrain_img_size=32, adapter_mode="none")
     params = hf_to_tadjax(hf, depth=2)
     video = jnp.asarray(clips.permute(0, 1, 3, 4, 2).reshape(1, 32, 32, 32, 3).numpy())
-    features, tokens = model.apply({"params": params}, video, return_tokens=True)
+    features, tokens = apply(model, params, video, return_tokens=True)
     assert 1.0 < np.abs(expected).max() < 10.0
     np.testing.assert_allclose(np.asarray(tokens[0]), expected, atol=1e-5, rtol=0)
     pooled = expected.reshape(2, 8, 4, 64).mean(axis=2).reshape(1, 16, 64)
     np.testing.assert_allclose(np.asarray(features), pooled, atol=1e-5, rtol=0)
 
     # The same parameters in scan + remat form give the same tokens.
-    again = model.clone(scan_blocks=True, remat_policy="full").apply(
-        {"params": params}, video, return_tokens=True)[1]
+    again = apply(model.clone(scan_blocks=True, remat_policy="full"), params, video,
+                  return_tokens=True)[1]
     np.testing.assert_allclose(np.asarray(again[0]), expected, atol=1e-5, rtol=0)
 
 
@@ -233,7 +256,7 @@ def test_scan_and_remat_match_unrolled_values_and_gradients(mode, blocks, remat_
         def loss(p):
             y = model.apply({"params": p}, x, train=True, rngs=rngs)
             return jnp.sum(jnp.sin(y)), y
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return run(jax.value_and_grad(loss, has_aux=True), params)
 
     (_, y0), g0 = value_and_grad(base)
     (_, y1), g1 = value_and_grad(base.clone(scan_blocks=True, remat_policy=remat_policy))
@@ -245,14 +268,14 @@ def test_scan_and_remat_match_unrolled_values_and_gradients(mode, blocks, remat_
     nonzero = {k for k, g in tree.flatten({"backbone": g0}).items() if np.any(np.asarray(g) != 0)}
     assert nonzero == trainable_names(params, mode)
     # Drop path ran: the deterministic output differs.
-    assert np.any(np.asarray(y0) != np.asarray(base.apply({"params": params}, x)))
+    assert np.any(np.asarray(y0) != np.asarray(apply(base, params, x)))
 
 
 def test_frozen_mode_passes_no_gradient():
     model = tiny(depth=2, adapter_mode="frozen")
     x = frames((1, 16, 16, 16, 3))
     params = random_params(model, x)
-    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)))(params)
+    grads = run(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x))), params)
     assert all(not np.any(np.asarray(g)) for g in tree.flatten(grads).values())
     assert trainable_names(params, "frozen") == set()
     assert trainable_names(params, "none") == trainable_names(params, "full") == set(
@@ -269,22 +292,22 @@ def test_drop_path_is_per_chunk_and_seeded():
 
     model = tiny(adapter_mode="adapter", drop_path_rate=0.5)
     v = frames((1, 16, 16, 16, 3))
-    params = {"params": random_params(model, v)}
-    a = model.apply(params, v, train=True, rngs={"dropout": jax.random.key(1)})
-    b = model.apply(params, v, train=True, rngs={"dropout": jax.random.key(1)})
+    params = random_params(model, v)
+    a = apply(model, params, v, jax.random.key(1), train=True)
+    b = apply(model, params, v, jax.random.key(1), train=True)
     np.testing.assert_array_equal(a, b)
-    assert np.any(np.asarray(a) != np.asarray(model.apply(params, v)))
+    assert np.any(np.asarray(a) != np.asarray(apply(model, params, v)))
 
 
 def test_patch_embedding_drops_remainder_pixels():
     # 20 px with 8-px patches -> 2x2 grid; the last 4 rows and columns are never read.
     model = tiny(adapter_mode="none")
     x = frames((1, 16, 20, 20, 3))
-    params = {"params": random_params(model, x)}
-    y = model.apply(params, x, return_tokens=True)[1]
+    params = random_params(model, x)
+    y = apply(model, params, x, return_tokens=True)[1]
     assert y.shape == (1, 1, 8 * 2 * 2, 32)
     changed = x.at[:, :, 16:, :, :].add(5.0).at[:, :, :, 16:, :].add(5.0)
-    np.testing.assert_array_equal(model.apply(params, changed, return_tokens=True)[1], y)
+    np.testing.assert_array_equal(apply(model, params, changed, return_tokens=True)[1], y)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
@@ -294,7 +317,7 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
     bf16 = f32.clone(dtype=jnp.bfloat16)
     assert all(v.dtype == jnp.float32
                for v in tree.flatten(jax.eval_shape(bf16.init, jax.random.key(0), x)).values())
-    y16, y32 = bf16.apply({"params": params}, x), f32.apply({"params": params}, x)
+    y16, y32 = apply(bf16, params, x), apply(f32, params, x)
     assert y16.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(y16 - y32))) < 0.05 * float(jnp.max(jnp.abs(y32)))
     assert np.any(np.asarray(y16) != np.asarray(y32))

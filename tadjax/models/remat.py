@@ -22,8 +22,11 @@ _POLICIES = {
 REMAT_POLICIES = ("none", "full", "dots", "dots_all", "offload")
 
 
-def remat(fn: Callable, policy: str, static_argnums: tuple[int, ...] = ()) -> Callable:
+def remat(fn: Callable, policy: str, static_argnums: tuple[int, ...] = (),
+          prevent_cse: bool = True) -> Callable:
     """`fn` wrapped in `jax.checkpoint` with the named policy; "none" returns `fn` unchanged.
+
+    prevent_cse=False is safe (and cheaper) when `fn` is the body of a `lax.scan`.
 
     "offload" keeps the same matmul outputs as "dots" but moves them to pinned host memory
     (useful on accelerators; XLA:CPU has no separate host memory space).
@@ -36,4 +39,4 @@ def remat(fn: Callable, policy: str, static_argnums: tuple[int, ...] = ()) -> Ca
         chosen = _POLICIES[policy]
     else:
         raise ValueError(f"unknown remat_policy {policy!r}; expected one of {REMAT_POLICIES}")
-    return jax.checkpoint(fn, policy=chosen, static_argnums=static_argnums)
+    return jax.checkpoint(fn, policy=chosen, static_argnums=static_argnums, prevent_cse=prevent_cse)
