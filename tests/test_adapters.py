@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tadjax import tree
-from tadjax.models import vit
 from tadjax.models.adapters import (TemporalInformativeAdapter, adapter_width,
                                     temporal_depthwise_conv, trainable_regex)
 from test_vit import apply, frames, random_params, run, tiny
@@ -111,23 +110,25 @@ def test_only_adapters_carry_information_across_chunks():
 
 def test_side_mode_is_last_block_plus_parallel_side_adapters():
     x = frames((1, 32, 16, 16, 3))
-    side = tiny(depth=3, adapter_mode="side", adapter_blocks=[1, 2])
+    side = tiny(depth=3, adapter_mode="side", adapter_blocks=[0, 2])
     params = random_params(side, x)
-    features = apply(side, params, x)
+    features, tokens = apply(side, params, x, return_tokens=True)
 
-    def block_output(i):  # tokens after block i, from a plain ViT truncated to i + 1 blocks
-        keep = {k: v for k, v in params.items() if k == "patch_embed" or
-                (k.startswith("blocks_") and int(k.split("_")[1]) <= i)}
-        tokens = apply(tiny(depth=i + 1, adapter_mode="none"), keep, x, return_tokens=True)[1]
-        return tokens.reshape(-1, *tokens.shape[2:])
-
-    expected = block_output(2)
-    for i in (1, 2):
+    # f_2 (last block): the side model with its up-projections at zero; f_0: a 1-block plain ViT.
+    zero_up = tree.unflatten({k: (jnp.zeros_like(v) if re.search(r"side_.*/up/", k) else v)
+                              for k, v in tree.flatten(params).items()})
+    f_last = apply(side, zero_up, x, return_tokens=True)[1]
+    first = {k: params[k] for k in ("patch_embed", "blocks_0")}
+    f_first = apply(tiny(depth=1, adapter_mode="none"), first, x, return_tokens=True)[1]
+    flat = lambda t: t.reshape(-1, *t.shape[2:])
+    expected = flat(f_last)
+    for i, f in ((0, f_first), (2, f_last)):
         tia = TemporalInformativeAdapter(32, residual=False)
-        expected = expected + tia.apply({"params": params[f"side_adapters_{i}"]}, block_output(i),
+        expected = expected + tia.apply({"params": params[f"side_adapters_{i}"]}, flat(f),
                                         videos=1, time_tokens=8)
-    expected = expected.reshape(1, 2, 8, 4, 32).mean(axis=3).reshape(1, 16, 32)
-    np.testing.assert_allclose(np.asarray(features), np.asarray(expected), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(flat(tokens)), np.asarray(expected), atol=1e-5, rtol=0)
+    pooled = expected.reshape(1, 2, 8, 4, 32).mean(axis=3).reshape(1, 16, 32)
+    np.testing.assert_allclose(np.asarray(features), np.asarray(pooled), atol=1e-5, rtol=0)
 
 
 def test_trainable_regex():

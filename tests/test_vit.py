@@ -172,7 +172,8 @@ def test_matches_huggingface_videomae_tokens():
             if p.ndim > 1:  # unit-scale activations keep float32 rounding well below 1e-5
                 p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
             else:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "layernorm" in name and name.endswith("weight") else 0.0))
+                is_ln_scale = "layernorm" in name and name.endswith("weight")
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if is_ln_scale else 0.0))
     clips = torch.randn(2, 16, 3, 32, 32)  # two 16-frame clips = the two chunks of one video
     with torch.no_grad():
         expected = hf(pixel_values=clips).last_hidden_state.numpy()  # [2, 32, 64]
@@ -290,7 +291,7 @@ def test_drop_path_is_per_chunk_and_seeded():
     assert np.all(rows.min(axis=1) == rows.max(axis=1))  # whole rows (chunks) kept or dropped
     np.testing.assert_array_equal(vit.drop_path(x, jax.random.key(0), jnp.float32(0.0)), x)
 
-    model = tiny(adapter_mode="adapter", drop_path_rate=0.5)
+    model = tiny(depth=2, adapter_mode="adapter", drop_path_rate=0.5)
     v = frames((1, 16, 16, 16, 3))
     params = random_params(model, v)
     a = apply(model, params, v, jax.random.key(1), train=True)
