@@ -138,7 +138,7 @@ def test_trainable_regex():
     match = lambda mode, **kw: [p for p in paths if any(re.search(r, p) for r in trainable_regex(mode, **kw))]
     assert match("adapter") == ["backbone/blocks_3/adapter/up/kernel"]
     assert match("side") == ["backbone/side_adapters_7/down/bias"]
-    assert match("full") == match("none") == paths[:4]
+    assert match("full") == match("none") == match("adapter_full") == paths[:4]
     assert match("frozen") == []
     assert match("adapter", prefix="other/backbone") == ["other/backbone/blocks_0/adapter/gamma"]
     with pytest.raises(ValueError, match="adapter mode"):

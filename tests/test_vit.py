@@ -272,13 +272,16 @@ def test_scan_and_remat_match_unrolled_values_and_gradients(mode, blocks, remat_
     assert np.any(np.asarray(y0) != np.asarray(apply(base, params, x)))
 
 
-def test_frozen_mode_passes_no_gradient():
-    model = tiny(depth=2, adapter_mode="frozen")
+@pytest.mark.parametrize("mode", ["frozen", "adapter_full"])
+def test_gradients_of_frozen_and_adapter_full_modes(mode):
+    model = tiny(depth=2, adapter_mode=mode)
     x = frames((1, 16, 16, 16, 3))
     params = random_params(model, x)
-    grads = run(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x))), params)
-    assert all(not np.any(np.asarray(g)) for g in tree.flatten(grads).values())
-    assert trainable_names(params, "frozen") == set()
+    grads = run(jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))), params)
+    nonzero = {k for k, g in tree.flatten({"backbone": grads}).items() if np.any(np.asarray(g) != 0)}
+    assert nonzero == trainable_names(params, mode)
+    assert len(nonzero) == (0 if mode == "frozen" else len(tree.flatten(params)))
+    assert any("/adapter/" in k for k in nonzero) == (mode == "adapter_full")
     assert trainable_names(params, "none") == trainable_names(params, "full") == set(
         tree.flatten({"backbone": params}))
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-ADAPTER_MODES = ("adapter", "frozen", "full", "side", "none")
+ADAPTER_MODES = ("adapter", "adapter_full", "frozen", "full", "side", "none")
 
 
 def trunc_normal(std: float, bound: float = 2.0):
@@ -125,8 +125,9 @@ def trainable_regex(mode: str, prefix: str = "backbone") -> list[str]:
     """Regexes (re.search on '/'-joined parameter paths) of the backbone parameters that train.
 
     They match where the module lets gradients reach: "adapter" -> the TIAs only (the ViT weights
-    are stop_gradient'ed inside the module), "side" -> the side adapters only, "full" -> every
-    backbone parameter, "frozen" -> nothing. "none" (a plain ViT, e.g. for feature extraction or
+    are stop_gradient'ed inside the module), "side" -> the side adapters only, "full" and
+    "adapter_full" (TIAs and a trainable ViT, e.g. without pretrained weights) -> every backbone
+    parameter, "frozen" -> nothing. "none" (a plain ViT, e.g. for feature extraction or
     parity tests) builds the same module as "full" and trains the same. `prefix` is the backbone's name in the
     caller's parameter tree.
     """
@@ -135,6 +136,7 @@ def trainable_regex(mode: str, prefix: str = "backbone") -> list[str]:
         "adapter": [rf"^{p}/blocks_\d+/adapter/"],
         "side": [rf"^{p}/side_adapters_\d+/"],
         "full": [rf"^{p}/"],
+        "adapter_full": [rf"^{p}/"],
         "frozen": [],
         "none": [rf"^{p}/"],
     }

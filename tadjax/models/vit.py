@@ -19,6 +19,8 @@ the index of the tapped block. There is no `fc_norm` (the reference never uses i
 Adapter modes (`adapter_mode`; spec §3.5):
   "adapter": a TIA after each block of `adapter_blocks`; the ViT weights are stop_gradient'ed,
              activation gradients flow through the frozen blocks to earlier TIAs.
+  "adapter_full": the same TIAs with every ViT weight differentiable too (training from scratch,
+             e.g. the demo without pretrained weights).
   "frozen":  plain ViT, output stop_gradient'ed (nothing in the backbone gets a gradient).
   "full":    plain ViT, everything differentiable (full fine-tuning). "none" is the same module.
   "side":    plain ViT under stop_gradient; out = f_last + sum_i TIA'_i(f_i) over the outputs f_i of
@@ -230,7 +232,7 @@ class VisionTransformer(nn.Module):
       pretrain_img_size: side of the grid the position table is built for (224 -> 224 // p).
       drop_path_rate: stochastic depth, linspace(0, rate, depth)[i] for block i, drawn per chunk
         from the "dropout" RNG stream when train=True; active on frozen blocks too.
-      adapter_mode: "adapter" | "frozen" | "full" | "side" | "none".
+      adapter_mode: "adapter" | "adapter_full" | "frozen" | "full" | "side" | "none".
       adapter_blocks: "all" or block indices carrying a TIA ("adapter") or tapped ("side").
       adapter_ratio: TIA bottleneck ratio.
       remat_policy: one of remat.REMAT_POLICIES, applied per block (block + its TIA) and per side
@@ -272,7 +274,7 @@ class VisionTransformer(nn.Module):
     def _adapter_indices(self) -> tuple[int, ...]:
         if self.adapter_mode not in ADAPTER_MODES:
             raise ValueError(f"unknown adapter_mode {self.adapter_mode!r}; expected one of {ADAPTER_MODES}")
-        if self.adapter_mode not in ("adapter", "side"):
+        if self.adapter_mode not in ("adapter", "adapter_full", "side"):
             return ()
         if isinstance(self.adapter_blocks, str):
             if self.adapter_blocks != "all":
@@ -286,7 +288,7 @@ class VisionTransformer(nn.Module):
         return indices
 
     def _block_kwargs(self, i: int) -> dict:
-        with_adapter = self.adapter_mode == "adapter" and i in self._adapter_indices()
+        with_adapter = self.adapter_mode in ("adapter", "adapter_full") and i in self._adapter_indices()
         return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                     adapter_ratio=self.adapter_ratio if with_adapter else None, dtype=self.dtype,
                     attention_impl=self.attention_impl)
@@ -408,7 +410,7 @@ class VisionTransformer(nn.Module):
     def _block_params(self, i: int):
         """Parameters of block i, with stop_gradient on whatever the mode keeps frozen."""
         p = self.variables["params"][f"blocks_{i}"]
-        if self.adapter_mode in ("full", "none"):
+        if self.adapter_mode in ("full", "none", "adapter_full"):
             return p
         if self.adapter_mode == "adapter":
             return {k: (v if k == "adapter" else jax.lax.stop_gradient(v)) for k, v in p.items()}
