@@ -39,9 +39,9 @@ def get_config(arg=None):
         backbone_overrides=dict(embed_dim=96, depth=4, num_heads=3, mlp_dim=384, patch_size=16,
                                 ),
         head_overrides=dict(n_head=4))
-    # No pretrained weights here: the whole backbone trains (the adapters alone cannot learn
-    # from a random ViT).
-    c.model.backbone.adapter_mode = "adapter"
+    # No pretrained weights here: the whole backbone trains, TIAs included (adapters alone
+    # cannot make a randomly initialised ViT useful).
+    c.model.backbone.adapter_mode = "adapter_full"
     c.train = train_config(epochs=40 if not quick else 6, end_epoch=40 if not quick else 6,
                            warmup_epochs=2 if not quick else 1, adapter_lr=1e-3, head_lr=1e-3)
     c.train.param_groups = [

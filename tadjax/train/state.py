@@ -29,7 +29,7 @@ def init_params(model, config, rng):
     """Parameter tree for `model` (call under jax.jit / eval_shape)."""
     from tadjax.models.detector import input_shapes
     frames_shape, mask_shape = input_shapes(config, 1)
-    variables = model.init({"params": rng, "dropout": rng, "droppath": rng},
+    variables = model.init({"params": rng, "dropout": rng},
                            jnp.zeros(frames_shape, jnp.uint8), jnp.ones(mask_shape, bool),
                            train=False)
     return variables["params"]
@@ -67,13 +67,12 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
     def step_fn(state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        k_drop, k_path = jax.random.split(key)
         trainable, frozen = opt_lib.split_trainable(state["params"], mask)
 
         def loss_fn(trainable):
             params = opt_lib.merge_trainable(trainable, frozen)
             out = model.apply({"params": params}, batch["frames"], batch["mask"], train=True,
-                              rngs={"dropout": k_drop, "droppath": k_path})
+                              rngs={"dropout": key})
             # The EMA normaliser is updated with this batch's positives before the loss, as the
             # reference does; positives are counted over the global batch, not per device.
             return losses_lib.detection_loss(

@@ -88,7 +88,7 @@ class Run:
         return self.eval_source().classes
 
     def eval_source(self):
-        return loader_lib._split(self.sources, self.config.data.eval_subset)
+        return loader_lib.get_split(self.sources, self.config.data.eval_subset)
 
     def eval_ground_truth(self) -> annotations_lib.AnnotationSet:
         """The evaluation subset's ground truth, as stored in the built dataset."""
@@ -106,7 +106,7 @@ class Run:
 
     # -- schedule -----------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        source = loader_lib._split(self.sources, self.config.data.train_subset)
+        source = loader_lib.get_split(self.sources, self.config.data.train_subset)
         n = len(loader_lib.train_indices(self.config.data, source))
         return max(n // int(self.config.data.batch_size), 1)
 
@@ -237,7 +237,12 @@ def evaluate_params(run: Run, params, *, out_dir: str, predict_step=None) -> dic
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> dict | None:
+    """Train (resuming from WORKDIR's latest checkpoint) and evaluate; returns the last summary.
+
+    `stop_at_step` ends the run early at that step with a checkpoint, as a preemption would
+    (tests and debugging); the next call continues from there.
+    """
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     writer = writers_lib.create_writer(workdir, just_logging=not is_main)
@@ -280,6 +285,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   if (e - int(config.train.eval_start_epoch) - 1) % int(config.train.eval_every_epochs) == 0}
     eval_steps.add(end_step)
     while step < end_step:
+        if stop_at_step is not None and step >= stop_at_step:
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, data_iterator=train_iter, config_json=config_json)
+            ckpt.close()
+            writer.close()
+            return None
         batch = next(train_iter)
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         state, metrics = train_step(state, batch)
