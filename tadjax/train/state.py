@@ -58,31 +58,95 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=None) -> Callable:
-    """jitted (state, batch) -> (state, metrics). `shardings` = (state_sharding, batch_sharding)."""
+def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=None,
+                    accum_steps: int = 1) -> Callable:
+    """jitted (state, batch) -> (state, metrics), the state donated.
+
+    `shardings` = (state_sharding, batch_sharding) trees of NamedShardings (see
+    tadjax.train.sharding), or None for a single device. `accum_steps` > 1 splits the global batch
+    into that many micro-batches run one after another (`lax.scan`), gradients summed in float32,
+    so the global batch stays `config.data.batch_size` whatever the device count. The loss is a
+    sum over videos divided by the EMA normaliser, which is updated with the positives of the
+    whole global batch; so accumulation gives the same update as one big batch, except for the
+    dropout masks (drawn per micro-batch) and the adaptive regression weight (loss_weight <= 0,
+    computed per micro-batch).
+    """
     m = config.model
     ema_decay = float(config.train.ema_decay)
     points = jnp.asarray(points)
+    accum_steps = int(accum_steps)
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    state_sh, batch_sh = shardings if shardings is not None else (None, None)
+
+    def micro_loss(trainable, frozen, micro, key):
+        """(sum-form loss, aux) of one micro-batch: the losses with normaliser 1."""
+        params = opt_lib.merge_trainable(trainable, frozen)
+        out = model.apply({"params": params}, micro["frames"], micro["mask"], train=True,
+                          rngs={"dropout": key})
+        return losses_lib.detection_loss(
+            out, points, micro["gt_segments"], micro["gt_labels"], micro["gt_valid"],
+            num_classes=int(m.head.num_classes), normalizer=1.0, normalizer_momentum=None,
+            label_smoothing=float(m.label_smoothing), loss_weight=float(m.loss_weight),
+            center_sample_radius=float(m.center_sample_radius))
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def split_micro(batch):
+        """[B, ...] -> [accum, B / accum, ...] such that every micro-batch takes the same rows of
+        every device's share (row r goes to micro-batch r % accum): no data moves between devices."""
+        def split(name, x):
+            if x.shape[0] % accum_steps:
+                raise ValueError(f"batch field {name!r}: batch {x.shape[0]} is not divisible by "
+                                 f"accum_steps={accum_steps}")
+            x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+            x = jnp.swapaxes(x, 0, 1)
+            if batch_sh is not None:
+                sh = batch_sh[name]
+                x = jax.lax.with_sharding_constraint(
+                    x, jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec)))
+            return x
+        return {k: split(k, v) for k, v in batch.items()}
+
+    def loss_and_grads(state, trainable, frozen, batch, key):
+        """Mean-form (loss, aux, grads) of the global batch; aux["normalizer"] is the new EMA."""
+        if accum_steps == 1:
+            (total, aux), grads = grad_fn(trainable, frozen, batch, key)
+        else:
+            def body(carry, xs):
+                i, micro = xs
+                (total, aux), grads = grad_fn(trainable, frozen, micro, jax.random.fold_in(key, i))
+                grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+                sums = (total, aux["cls_loss"], aux["reg_loss"], aux["num_pos"])
+                carry = jax.tree.map(jnp.add, carry, (sums, grads))
+                if state_sh is not None:
+                    carry = (carry[0], jax.lax.with_sharding_constraint(carry[1], grad_sh))
+                return carry, None
+
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+            init = ((jnp.zeros((), jnp.float32),) * 4, zeros)
+            steps = jnp.arange(accum_steps)
+            ((total, cls_sum, reg_sum, num_pos), grads), _ = jax.lax.scan(
+                body, init, (steps, split_micro(batch)))
+            aux = {"cls_loss": cls_sum, "reg_loss": reg_sum, "num_pos": num_pos}
+        # The reference updates the EMA normaliser with this batch's positives (counted over the
+        # global batch, not per device) before dividing by it.
+        norm = losses_lib.update_normalizer(state["loss_norm"], aux["num_pos"], 0.9)
+        scale = 1.0 / norm
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, trainable)
+        aux = {"cls_loss": aux["cls_loss"] * scale, "reg_loss": aux["reg_loss"] * scale,
+               "num_pos": aux["num_pos"], "normalizer": norm}
+        return total * scale, aux, grads
+
+    if state_sh is not None:
+        grad_sh, _ = opt_lib.split_trainable(state_sh["params"], mask)
 
     def step_fn(state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         trainable, frozen = opt_lib.split_trainable(state["params"], mask)
 
-        def loss_fn(trainable):
-            params = opt_lib.merge_trainable(trainable, frozen)
-            out = model.apply({"params": params}, batch["frames"], batch["mask"], train=True,
-                              rngs={"dropout": key})
-            # The EMA normaliser is updated with this batch's positives before the loss, as the
-            # reference does; positives are counted over the global batch, not per device.
-            return losses_lib.detection_loss(
-                out, points, batch["gt_segments"], batch["gt_labels"], batch["gt_valid"],
-                num_classes=int(m.head.num_classes), normalizer=state["loss_norm"],
-                normalizer_momentum=0.9, label_smoothing=float(m.label_smoothing),
-                loss_weight=float(m.loss_weight),
-                center_sample_radius=float(m.center_sample_radius))
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        loss, aux, grads = loss_and_grads(state, trainable, frozen, batch, key)
         updates, opt_state = tx.update(grads, state["opt"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
@@ -96,18 +160,19 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
 
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=(0,))
-    state_sh, batch_sh = shardings
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
 
 
 def make_predict_step(model, *, shardings=None) -> Callable:
-    """jitted (params, frames, mask) -> {cls_logits [B,P,C], reg [B,P,2], point_mask [B,P]}."""
+    """jitted (params, frames, mask) -> {cls_logits [B,P,C], reg [B,P,2], point_mask [B,P]}.
+
+    `shardings` = (params_sharding, frames_sharding, mask_sharding), or None (one device)."""
     def predict(params, frames, mask):
         out = model.apply({"params": params}, frames, mask, train=False)
         return {"cls_logits": out["cls_logits"].astype(jnp.float32),
                 "reg": out["reg"].astype(jnp.float32), "point_mask": out["point_mask"]}
     if shardings is None:
         return jax.jit(predict)
-    params_sh, batch_sh = shardings
-    return jax.jit(predict, in_shardings=(params_sh, batch_sh, batch_sh))
+    params_sh, frames_sh, mask_sh = shardings
+    return jax.jit(predict, in_shardings=(params_sh, frames_sh, mask_sh))
