@@ -69,6 +69,9 @@ def train_config(*, epochs: int, end_epoch: int, warmup_epochs: int,
     t.eval_start_epoch = 40
     t.eval_every_epochs = 2
     t.max_bad_steps = 20                   # consecutive non-finite updates before stopping
+    # Videos per device and micro-step (0: the whole per-device share at once). Smaller values
+    # accumulate gradients over several micro-steps; the global batch stays data.batch_size.
+    t.per_device_batch = 0
     return t
 
 
@@ -90,11 +93,19 @@ def eval_config(*, tious: str = "thumos14", mode: str = "multiclass"):
     return e
 
 
-def mesh_config():
+def mesh_config(*, data: int = -1, fsdp: int = 1, snippet: int = 1):
+    """Device mesh and partition rules (see tadjax.train.sharding for the format).
+
+    The default spreads the batch over all devices. Long-video configs with a small batch put the
+    devices on "snippet" instead (chunks of one video on different devices). The parameters (and
+    the optimizer state and EMA, which follow them) are split FSDP-style over the "fsdp" and
+    "snippet" axes; with both of size 1 they are replicated.
+    """
     mesh = ml_collections.ConfigDict()
-    mesh.axes = (("data", -1),)            # (name, size); -1 takes the remaining devices
-    mesh.batch_axes = ("data",)
-    mesh.rules = ()                        # (regex on parameter path, PartitionSpec tuple)
+    mesh.axes = (("data", data), ("fsdp", fsdp), ("snippet", snippet))  # -1: the rest
+    mesh.batch_axes = ("data", "fsdp")     # the batch dimension of every input
+    mesh.snippet_axis = "snippet"          # the frames' time axis ("" for none)
+    mesh.rules = ((r".*", "fsdp+snippet"),)  # (regex on parameter path, spec)
     return mesh
 
 
@@ -135,7 +146,8 @@ def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str
         c.train.eval_start_epoch = 36
     c.eval = eval_config(tious="thumos14")
     c.eval.batch_size = 1
-    c.mesh = mesh_config()
+    # Batch 2 of long videos: devices split the chunks of each video, not the batch.
+    c.mesh = mesh_config(data=1, snippet=-1)
     return finalize(c)
 
 
