@@ -40,6 +40,10 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
     m.loss_weight = loss_weight
     m.label_smoothing = label_smoothing
     m.init_loss_norm = init_loss_norm
+    # Start from pretrained backbone weights: a PyTorch VideoMAE checkpoint (.pth/.bin/.safetensors,
+    # Hugging Face dir) or a `python -m tadjax.tools.convert` output; "" = random init.
+    m.pretrained = ""
+    m.pretrained_allow_missing = (r"(^|/)adapter/", r"(^|/)side_adapters_\d+/")  # regexes
     return m
 
 

@@ -4,9 +4,12 @@
   python -m tadjax.main --config configs/demo.py --workdir /tmp/demo --mode eval
   python -m tadjax.main --config configs/adatad_thumos_s.py --config.data.videos=/data/thumos/videos ...
 
-Modes: train (with periodic evaluation; restarting in the same workdir resumes) and eval (the
-latest checkpoint of the workdir, or --step). Config files are `get_config(arg)` returning a locked
-ConfigDict, so a mistyped --config.key is an error, not a silently ignored flag.
+Modes: train (with periodic evaluation; restarting in the same workdir resumes), eval (the
+latest checkpoint of the workdir, or --step) and predict (raw videos, no annotations; see
+tadjax/predict.py):
+  python -m tadjax.main --mode predict --checkpoint workdirs/demo --videos clips/ --out preds/
+Config files are `get_config(arg)` returning a locked ConfigDict, so a mistyped --config.key is
+an error, not a silently ignored flag.
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, results).")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
 flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
-flags.mark_flags_as_required(["config"])
+flags.DEFINE_string("videos", None, "predict: a video file or a directory of videos.")
+flags.DEFINE_string("checkpoint", None, "predict: a workdir, its checkpoints/ or checkpoints/<step>.")
+flags.DEFINE_string("out", None, "predict: output directory (results.json, CSV, SRT, PNG).")
+flags.DEFINE_float("match_fps", None, "predict: scale the snippet stride to this training frame rate.")
+flags.DEFINE_float("min_score", 0.3, "predict: score threshold of the SRT cues and timeline bars.")
 
 
 def _default_workdir(config_path: str) -> str:
@@ -36,6 +43,10 @@ def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
     import jax
+    if FLAGS.mode == "predict":
+        return _predict()
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required for train and eval")
     if FLAGS.distributed:
         jax.distributed.initialize()
     from tadjax.train import trainer
@@ -48,8 +59,21 @@ def main(argv):
         summary = trainer.train_and_evaluate(config, workdir)
     else:
         summary = trainer.evaluate(config, workdir, step=FLAGS.step)
+    if summary is None:  # preempted (SIGTERM): a checkpoint was saved, exit 0 and resume later
+        return
     if jax.process_index() == 0:
         print(format_summary(summary), flush=True)
+
+
+def _predict():
+    """--mode predict: the checkpoint carries its config, so --config is not needed."""
+    from tadjax import predict
+    missing = [f"--{n}" for n in ("videos", "checkpoint", "out") if getattr(FLAGS, n) is None]
+    if missing:
+        raise app.UsageError(f"--mode predict needs {', '.join(missing)}")
+    paths = predict.run_predict(FLAGS.checkpoint, FLAGS.videos, FLAGS.out, step=FLAGS.step,
+                                match_fps=FLAGS.match_fps, min_score=FLAGS.min_score)
+    print(f"wrote {paths['results']}, {paths['csv']} and {len(paths['videos'])} x (.srt, .png)")
 
 
 def format_summary(summary: dict) -> str:

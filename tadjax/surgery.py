@@ -153,6 +153,22 @@ def load_pretrained(params: Tree, path: str, *, prefix: str = "backbone",
     return new, report
 
 
+def start_from_pretrained(state: dict, tx, mask: Tree, config) -> dict:
+    """A fresh train state whose backbone comes from `config.model.pretrained` (the trainer calls
+    this before step 0): optimizer state and EMA are rebuilt from the loaded parameters."""
+    from tadjax.train import state as state_lib
+
+    b = config.model.backbone
+    from tadjax.models import vit
+    patch = int(b.get("patch_size") or vit.VARIANTS[b.variant]["patch_size"])
+    params, _ = load_pretrained(
+        state["params"], str(config.model.pretrained),
+        allow_missing=tuple(config.model.get("pretrained_allow_missing", ADAPTER_PATHS)),
+        pretrain_grid=int(b.get("pretrain_img_size", 224)) // patch)
+    return state_lib.create_state(params, tx, mask, rng=state["rng"],
+                                  init_loss_norm=float(config.model.init_loss_norm))
+
+
 # ---------------------------------------------------------------------------------------------
 # Position tables
 

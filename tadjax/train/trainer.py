@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import resource
+import signal
+import threading
 import time
 from typing import Any
 
@@ -27,6 +29,7 @@ from tadjax.detection import postprocess
 from tadjax.models import detector as detector_lib
 from tadjax.train import checkpoint as ckpt_lib
 from tadjax.train import optimizer as opt_lib
+from tadjax.train import sharding as sharding_lib
 from tadjax.train import state as state_lib
 from tadjax.train import writers as writers_lib
 
@@ -71,7 +74,8 @@ class Progress:
 class Run:
     """Everything a training or evaluation run needs, built once from the config."""
 
-    def __init__(self, config, workdir: str | None, *, with_data: bool = True):
+    def __init__(self, config, workdir: str | None, *, with_data: bool = True, devices=None):
+        """`devices`: the devices of the mesh (default: all devices of all processes)."""
         self.config = config
         self.workdir = workdir
         self.model = detector_lib.build_detector(config)
@@ -83,6 +87,7 @@ class Run:
         self.abstract_params = jax.eval_shape(
             lambda r: state_lib.init_params(self.model, config, r), self.init_rng)
         self.mask = opt_lib.trainable_mask(self.abstract_params, self.groups)
+        self.mesh = sharding_lib.make_mesh(config.mesh, devices)
 
     def class_names(self) -> list[str]:
         return self.eval_source().classes
@@ -117,19 +122,97 @@ class Run:
                                       warmup_steps=int(t.warmup_epochs * spe),
                                       total_steps=int(t.epochs * spe), grad_clip=float(t.grad_clip))
 
-    def init_state(self, tx):
+    def _init_fn(self, tx):
         def init(rng_init, rng_state):
             params = state_lib.init_params(self.model, self.config, rng_init)
             return state_lib.create_state(params, tx, self.mask, rng=rng_state,
                                           init_loss_norm=float(self.config.model.init_loss_norm))
-        return jax.jit(init)(self.init_rng, self.state_rng)
+        return init
+
+    def state_shardings(self, tx):
+        """NamedShardings of the train state from config.mesh.rules (params, opt, EMA alike)."""
+        shapes = jax.eval_shape(self._init_fn(tx), self.init_rng, self.state_rng)
+        return sharding_lib.tree_shardings(self.mesh, self.config.mesh, shapes)
+
+    def init_state(self, tx):
+        """A fresh train state, each array created directly in its sharding."""
+        return jax.jit(self._init_fn(tx), out_shardings=self.state_shardings(tx))(
+            self.init_rng, self.state_rng)
 
     def abstract_state(self, tx):
-        def init(rng_init, rng_state):
-            params = state_lib.init_params(self.model, self.config, rng_init)
-            return state_lib.create_state(params, tx, self.mask, rng=rng_state,
-                                          init_loss_norm=float(self.config.model.init_loss_norm))
-        return jax.eval_shape(init, self.init_rng, self.state_rng)
+        """ShapeDtypeStructs of the train state, with shardings (the checkpoint restore target)."""
+        shapes = jax.eval_shape(self._init_fn(tx), self.init_rng, self.state_rng)
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            shapes, self.state_shardings(tx))
+
+    # -- sharded steps and batches ------------------------------------------------------------
+    def abstract_batch(self, batch_size: int | None = None) -> dict:
+        """ShapeDtypeStructs of a global training batch (see tadjax.data.loader)."""
+        b = int(batch_size or self.config.data.batch_size)
+        frames, mask = detector_lib.input_shapes(self.config, b)
+        m = int(self.config.data.max_gt)
+        return {"frames": jax.ShapeDtypeStruct(frames, jnp.uint8),
+                "mask": jax.ShapeDtypeStruct(mask, jnp.bool_),
+                "gt_segments": jax.ShapeDtypeStruct((b, m, 2), jnp.float32),
+                "gt_labels": jax.ShapeDtypeStruct((b, m), jnp.int32),
+                "gt_valid": jax.ShapeDtypeStruct((b, m), jnp.bool_)}
+
+    def batch_shardings(self) -> dict:
+        if getattr(self, "_batch_shardings", None) is None:
+            self._batch_shardings = sharding_lib.batch_shardings(
+                self.mesh, self.config.mesh, self.abstract_batch())
+        return self._batch_shardings
+
+    def accum_steps(self) -> int:
+        """Micro-steps per step: global batch / (train.per_device_batch x batch devices)."""
+        per_device = int(self.config.train.get("per_device_batch", 0) or 0)
+        batch = int(self.config.data.batch_size)
+        dp = sharding_lib.data_parallel_size(self.mesh, self.config.mesh)
+        if batch % dp:
+            raise ValueError(f"config.data.batch_size={batch} is not divisible by the {dp} devices "
+                             f"of config.mesh.batch_axes {tuple(self.config.mesh.batch_axes)}")
+        if per_device <= 0:
+            return 1
+        if (batch // dp) % per_device:
+            raise ValueError(f"config.train.per_device_batch={per_device} does not divide the "
+                             f"{batch // dp} videos per device (batch {batch} over {dp} devices)")
+        return batch // dp // per_device
+
+    def make_train_step(self, tx):
+        return state_lib.make_train_step(
+            self.model, self.config, tx, self.mask, self.points,
+            shardings=(self.state_shardings(tx), self.batch_shardings()),
+            accum_steps=self.accum_steps())
+
+    def make_predict_step(self, batch_size: int):
+        """Predict step for evaluation batches of `batch_size` (every process feeds all of them;
+        the batch and snippet axes split them where they divide)."""
+        frames, mask = detector_lib.input_shapes(self.config, batch_size)
+        sh = sharding_lib.batch_shardings(
+            self.mesh, self.config.mesh, {"frames": jax.ShapeDtypeStruct(frames, jnp.uint8),
+                                          "mask": jax.ShapeDtypeStruct(mask, jnp.bool_)},
+            strict=False)
+        params_sh = sharding_lib.tree_shardings(self.mesh, self.config.mesh, self.abstract_params,
+                                                params_path=None)
+        step = state_lib.make_predict_step(self.model,
+                                           shardings=(params_sh, sh["frames"], sh["mask"]))
+
+        def predict(params, frames, mask):
+            # Every process holds the whole evaluation batch: global shape = local shape.
+            frames = jax.make_array_from_process_local_data(sh["frames"], np.asarray(frames),
+                                                            frames.shape)
+            mask = jax.make_array_from_process_local_data(sh["mask"], np.asarray(mask), mask.shape)
+            return step(params, frames, mask)
+        return predict
+
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count) of this process's share of each global training batch."""
+        return sharding_lib.batch_shard_of_process(self.mesh, self.config.mesh)
+
+    def global_batch(self, local_batch: dict) -> dict:
+        """Global arrays in the training batch shardings from this process's share."""
+        return sharding_lib.global_batch(local_batch, self.batch_shardings(),
+                                         int(self.config.data.batch_size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,12 +230,11 @@ def predict_videos(run: Run, params, predict_step=None) -> dict[str, dict]:
     """Detections (seconds) for every video of the eval subset, after post-processing."""
     cfg, ecfg = run.config, run.config.eval
     if predict_step is None:
-        predict_step = state_lib.make_predict_step(run.model)
+        predict_step = run.make_predict_step(int(ecfg.batch_size))
     per_video: dict[str, list] = {}
     videos = loader_lib.eval_videos(cfg.data, run.sources)
     for batch in loader_lib.eval_batches(cfg.data, run.sources, int(ecfg.batch_size)):
-        out = jax.device_get(predict_step(params, jnp.asarray(batch["frames"]),
-                                          jnp.asarray(batch["mask"])))
+        out = jax.device_get(predict_step(params, batch["frames"], batch["mask"]))
         for i in range(out["cls_logits"].shape[0]):
             if not batch["valid"][i]:
                 continue
@@ -237,12 +319,103 @@ def evaluate_params(run: Run, params, *, out_dir: str, predict_step=None) -> dic
 # Training
 # ---------------------------------------------------------------------------------------------
 
+class NonFiniteError(RuntimeError):
+    """Training stopped after `config.train.max_bad_steps` non-finite steps in a row."""
+
+
+class NonFiniteGuard:
+    """Counts the steps whose update the train step skipped (metrics["finite"] False).
+
+    The flag of step N is read when step N+1 has been dispatched (or at the next log/checkpoint,
+    which sync anyway), so that watching it does not stall the device queue.
+    """
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = int(max_bad_steps)
+        self.consecutive = 0       # current streak
+        self.total = 0             # skipped steps of this process's run
+        self.streak_start = None
+        self._pending = None
+
+    def push(self, step: int, metrics: dict):
+        previous, self._pending = self._pending, (step, metrics["finite"])
+        if previous is not None:
+            self._count(*previous)
+
+    def flush(self):
+        if self._pending is not None:
+            self._count(*self._pending)
+            self._pending = None
+
+    def _count(self, step: int, finite):
+        if bool(jax.device_get(finite)):
+            if self.consecutive:
+                logging.info("step %d: finite again after %d skipped steps", step, self.consecutive)
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive == 1:
+            self.streak_start = step
+        logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d "
+                        "in total; the limit is config.train.max_bad_steps=%d)", step,
+                        self.consecutive, self.total, self.max_bad_steps)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.max_bad_steps > 0 and self.consecutive >= self.max_bad_steps
+
+
+class PreemptionWatch:
+    """SIGTERM (what Cloud TPU and SLURM send before taking the machine) -> `requested()` True.
+
+    One process: a SIGTERM handler sets a flag that the loop reads once per step, so the
+    checkpoint is written between steps, never from inside the handler. Several processes
+    (jax.distributed): JAX's preemption service already watches for SIGTERM and agrees on a
+    step at which every process saves (`multihost_utils.reached_preemption_sync_point`).
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self.received = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> dict | None:
     """Train (resuming from WORKDIR's latest checkpoint) and evaluate; returns the last summary.
 
     `stop_at_step` ends the run early at that step with a checkpoint, as a preemption would
-    (tests and debugging); the next call continues from there.
+    (tests and debugging); the next call continues from there. A SIGTERM does the same at the
+    current step (returns None; `tadjax.main` then exits 0). Killed outright (SIGKILL, power
+    loss), a run loses the steps since its last complete checkpoint and resumes from it exactly.
+    A step with a non-finite loss or gradient is skipped (see `state.make_train_step`);
+    `config.train.max_bad_steps` of them in a row raise `NonFiniteError`, and no checkpoint is
+    written during such a streak, so the latest one is the last good state.
     """
+    with PreemptionWatch() as preemption:
+        return _train_and_evaluate(config, workdir, stop_at_step, preemption)
+
+
+def _train_and_evaluate(config, workdir, stop_at_step, preemption):
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     writer = writers_lib.create_writer(workdir, just_logging=not is_main)
@@ -253,15 +426,20 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=int(config.train.keep_checkpoints),
                                  keep_best=int(config.train.keep_best))
+    shard_index, shard_count = run.data_shard()
     train_iter = loader_lib.train_iterator(config.data, run.sources, seed=int(config.seed),
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+                                           process_index=shard_index, process_count=shard_count)
+    logging.info("mesh %s; %d micro-step(s) per step", sharding_lib.describe(run.mesh),
+                 run.accum_steps())
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, run.abstract_state(tx), data_iterator=train_iter)
         logging.info("resumed from %s at step %d", ckpt.directory, latest)
     else:
         state = run.init_state(tx)
+        if config.model.get("pretrained"):
+            from tadjax import surgery
+            state = surgery.start_from_pretrained(state, tx, run.mask, config)
         if is_main:
             from clu import parameter_overview
             logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
@@ -271,8 +449,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                                                           jax.tree.leaves(run.mask)) if m)
     logging.info("parameters: %s total, %s trainable; %d steps per epoch, training to step %d",
                  f"{n_total:,}", f"{n_train:,}", spe, end_step)
-    train_step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
-    predict_step = state_lib.make_predict_step(run.model)
+    train_step = run.make_train_step(tx)
+    predict_step = run.make_predict_step(int(config.eval.batch_size))
     config_json = config.to_json_best_effort()
 
     step = int(state["step"])
@@ -284,20 +462,31 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                                                 int(config.train.end_epoch) + 1)
                   if (e - int(config.train.eval_start_epoch) - 1) % int(config.train.eval_every_epochs) == 0}
     eval_steps.add(end_step)
+    guard = NonFiniteGuard(config.train.get("max_bad_steps", 0))
     while step < end_step:
-        if stop_at_step is not None and step >= stop_at_step:
+        preempted = preemption.requested(step)
+        if preempted or (stop_at_step is not None and step >= stop_at_step):
+            if preempted:
+                logging.warning("SIGTERM: saving a checkpoint at step %d and stopping; run the "
+                                "same command again to resume", step)
+            guard.flush()
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, data_iterator=train_iter, config_json=config_json)
             ckpt.close()
             writer.close()
             return None
         batch = next(train_iter)
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        batch = run.global_batch(batch)
         state, metrics = train_step(state, batch)
         step += 1
         n_log += 1
+        guard.push(step, metrics)
+        if guard.exhausted:
+            _stop_non_finite(guard, step, ckpt, writer)
         if step % int(config.train.log_every_steps) == 0 or step == end_step:
             metrics = jax.device_get(metrics)
+            guard.flush()
+            metrics["skipped_steps"] = guard.total
             dt = time.time() - t_log
             scalars = {k: float(v) for k, v in metrics.items()}
             scalars["lr_" + next(iter(schedules))] = float(next(iter(schedules.values()))(step))
@@ -319,14 +508,37 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
             writer.write_scalars(step, {"eval/average_mAP": summary["average_mAP"],
                                         **{f"eval/mAP@{k}": v for k, v in summary["mAP"].items()}})
         if eval_now or step % int(config.train.checkpoint_every_steps) == 0:
+            guard.flush()
+            if guard.exhausted:
+                _stop_non_finite(guard, step, ckpt, writer)
+            if guard.consecutive:
+                logging.warning("step %d: no checkpoint during a run of %d skipped steps", step,
+                                guard.consecutive)
+                continue
             ckpt.save(step, state, data_iterator=train_iter, config_json=config_json,
                       metrics={"average_mAP": summary["average_mAP"]} if eval_now else None)
+    guard.flush()
     ckpt.close()
     writer.flush()
     writer.close()
     if summary is None:  # resumed after the last step: report the saved figures
         summary = evaluate(config, workdir)
     return summary
+
+
+def _stop_non_finite(guard: NonFiniteGuard, step: int, ckpt, writer):
+    ckpt.close()  # let in-flight saves complete: the latest checkpoint stays the last good one
+    writer.flush()
+    writer.close()
+    latest = ckpt.latest_step()
+    where = (f"the last good checkpoint is step {latest} in {ckpt.directory}, untouched; "
+             "running the same command again resumes from it" if latest is not None else
+             f"no checkpoint was written yet ({ckpt.directory} is empty)")
+    raise NonFiniteError(
+        f"training stopped at step {step}: {guard.consecutive} steps in a row (from step "
+        f"{guard.streak_start}) had a non-finite loss or gradient and were skipped "
+        f"(config.train.max_bad_steps={guard.max_bad_steps}); {where}. Lower the learning rate, "
+        "check the input data, or raise config.train.max_bad_steps.")
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict:
