@@ -46,7 +46,6 @@ def report(config, *, compile_step: bool = True, batch_size: int | None = None) 
     blocks_adapters = sum(_count(b.get("adapter", {})) for k, b in backbone.items()
                           if k.startswith("blocks_"))
     out = {
-        "config": getattr(config, "name", None) or "",
         "params_total": _count(params),
         "params_trainable": _count(params, run.mask),
         "params_backbone": _count(backbone),
@@ -106,6 +105,7 @@ def _human(n: float) -> str:
 def main(argv):
     del argv
     out = report(FLAGS.config, compile_step=FLAGS.compile, batch_size=FLAGS.batch_size)
+    out["config"] = flags.FLAGS["config"].config_filename
     if FLAGS.json:
         print(json.dumps(out))
         return
