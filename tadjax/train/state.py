@@ -154,8 +154,17 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
         new_state = dict(state, step=step + 1,
                          params=opt_lib.merge_trainable(new_trainable, frozen),
                          opt=opt_state, ema=ema, loss_norm=aux["normalizer"])
+        grad_norm = _global_norm(grads)
+        # Non-finite guard: a NaN/Inf loss or gradient (the global norm is non-finite as soon as
+        # one element is) skips the update. Params, optimizer state, EMA and loss normaliser stay
+        # as they were; `step` still advances, as the data iterator did, so that step N always
+        # means "N batches consumed" and a resumed run lines up. The loop counts and logs the
+        # skips (metrics["finite"]) and stops after config.train.max_bad_steps in a row.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state["step"] = step + 1
         metrics = {"loss": loss, "cls_loss": aux["cls_loss"], "reg_loss": aux["reg_loss"],
-                   "num_pos": aux["num_pos"], "grad_norm": _global_norm(grads)}
+                   "num_pos": aux["num_pos"], "grad_norm": grad_norm, "finite": finite}
         return new_state, metrics
 
     if shardings is None:
