@@ -226,13 +226,19 @@ class Predictor:
         return groups
 
     def _predict_config(self, stride: int, batch_size: int | None):
-        c = ml_collections.ConfigDict(self.config.to_dict())
-        c.data.eval_subset = PREDICT_SPLIT
-        c.data.snippet_stride = stride
-        c.eval.classifier = ""
-        if batch_size:
-            c.eval.batch_size = int(batch_size)
-        return c
+        return predict_config(self.config, stride, batch_size)
+
+
+def predict_config(config, stride: int | None = None, batch_size: int | None = None):
+    """A copy of a run's config that evaluates the PREDICT_SPLIT of FileSource sources."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.eval_subset = PREDICT_SPLIT
+    if stride is not None:
+        c.data.snippet_stride = int(stride)
+    c.eval.classifier = ""
+    if batch_size:
+        c.eval.batch_size = int(batch_size)
+    return c
 
 
 def _input_frames(config):
