@@ -9,7 +9,12 @@ The config has five sections:
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+# Dataset metadata shipped with the repository (class lists, block lists), found from any cwd.
+THIRD_PARTY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party")
 
 # Parameters without weight decay in the head (minGPT-style grouping of the reference): biases,
 # LayerNorm scales, the per-level Scale and the AffineDropPath scales.
@@ -138,7 +143,7 @@ def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str
         name="thumos14", annotations="data/thumos-14/annotations/thumos14.json",
         videos="data/thumos-14/videos", train_subset="Validation", eval_subset="Test",
         # OpenTAD evaluates on 211 test videos: 0270 (wrong annotations) and 1292 (empty) removed.
-        blocked="third_party/thumos14/opentad_removed_videos.txt",
+        blocked=os.path.join(THIRD_PARTY, "thumos14", "opentad_removed_videos.txt"),
         mode="window", window=768, snippet_stride=4, scale_factor=scale, img_size=img_size,
         train_short_side=int(round(img_size * 182 / 160)) if img_size == 160 else 256,
         eval_short_side=img_size, batch_size=2)
@@ -165,7 +170,9 @@ def adatad_anet(size: str, *, img_size: int = 160, arg: str | None = None):
     c.data = _data(
         name="activitynet13", annotations="data/activitynet-1.3/annotations/activity_net.v1-3.min.json",
         videos="data/activitynet-1.3/videos", train_subset="training", eval_subset="validation",
-        blocked="third_party/activitynet13/blocked.json", class_agnostic=True,
+        # OpenTAD's blocked.json (missing / blocked videos) is not redistributable here: pass it
+        # with --config.data.blocked=PATH (see third_party/activitynet13/README.md).
+        blocked=(), class_agnostic=True,
         mode="resize", resize_length=192, scale_factor=4, min_relative_length=0.01, img_size=img_size,
         train_short_side=182 if img_size == 160 else 256, eval_short_side=img_size, batch_size=16)
     c.model = model_config(
