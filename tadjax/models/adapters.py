@@ -81,12 +81,16 @@ class TemporalInformativeAdapter(nn.Module):
       embed_dim: ViT width C.
       ratio: bottleneck ratio; C_r = floor(ratio · C) (1/4 in AdaTAD, 1/8 in the g side config).
       residual: True for the serial TIA (z + ...), False for the side/ladder adapter.
+      chunk_local: confine the temporal conv to each 16-frame chunk (zero padding at chunk
+        borders, ETAD spec §7.3 option 1): chunks become independent, which sampled-gradient
+        training (tadjax.train.sampled_grad) needs to be exact.
       dtype: computation dtype (parameters stay float32).
     """
 
     embed_dim: int
     ratio: float = 0.25
     residual: bool = True
+    chunk_local: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -111,7 +115,10 @@ class TemporalInformativeAdapter(nn.Module):
 
         a = dense(width, "down", trunc_normal(0.02))(z)
         a = nn.gelu(a, approximate=False)
-        a = a.reshape(videos, (rows // videos) * time_tokens, tokens // time_tokens, width)
+        if self.chunk_local:
+            a = a.reshape(rows, time_tokens, tokens // time_tokens, width)
+        else:
+            a = a.reshape(videos, (rows // videos) * time_tokens, tokens // time_tokens, width)
         u = TemporalDepthwiseConv(width, name="dwconv")(a)
         u = dense(width, "pwconv", nn.initializers.normal(math.sqrt(2.0 / width)))(u)
         a = (a + u).reshape(rows, tokens, width)

@@ -16,6 +16,14 @@ Parameter paths (public API, relative to the caller's name for this module, e.g.
 `blocks_{i}/adapter/...` (see adapters.py), and `side_adapters_{i}/...` in "side" mode, where i is
 the index of the tapped block. There is no `fc_norm` (the reference never uses it).
 
+Block drop (spec blockdrop §1; tadjax.surgery.drop_blocks): `block_indices` lists the blocks the
+model holds, by their *original* index, so `blocks_{i}` keeps its name, its drop-path rate
+linspace(0, rate, depth)[i] and its adapter after other blocks are removed; `depth` stays the
+original depth. `lora_rank` > 0 adds `blocks_{i}/attn/{qkv,proj}/{lora_a,lora_b}` (models/lora.py).
+At run time, `block_mask` (bool [depth], by original index) skips blocks (identity) without
+recompiling, and `mutable=["intermediates"]` returns every held block's output (after its adapter)
+as `intermediates/.../block_outputs` = ({"i": [B·K, tokens, C]},).
+
 Adapter modes (`adapter_mode`; spec §3.5):
   "adapter": a TIA after each block of `adapter_blocks`; the ViT weights are stop_gradient'ed,
              activation gradients flow through the frozen blocks to earlier TIAs.
@@ -36,6 +44,7 @@ import flax.linen as nn
 import numpy as np
 
 from tadjax.models.adapters import ADAPTER_MODES, TemporalInformativeAdapter, trunc_normal
+from tadjax.models.lora import LoRADense
 from tadjax.models.remat import REMAT_POLICIES, remat
 
 # Spec §2.1. head_dim = embed_dim / num_heads (64, 64, 64, 80, 88).
@@ -151,14 +160,19 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    lora_rank: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         rows, tokens, dim = x.shape
         head_dim = dim // self.num_heads
         init = trunc_normal(0.02)
-        qkv = nn.Dense(3 * dim, use_bias=False, kernel_init=init, dtype=self.dtype,
-                       param_dtype=jnp.float32, name="qkv")(x)
+        if self.lora_rank:
+            dense = lambda n, **kw: LoRADense(n, rank=self.lora_rank, **kw)
+        else:
+            dense = nn.Dense
+        qkv = dense(3 * dim, use_bias=False, kernel_init=init, dtype=self.dtype,
+                    param_dtype=jnp.float32, name="qkv")(x)
         q_bias = self.param("q_bias", nn.initializers.zeros, (dim,), jnp.float32)
         v_bias = self.param("v_bias", nn.initializers.zeros, (dim,), jnp.float32)
         bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
@@ -166,8 +180,8 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         out = out.reshape(rows, tokens, dim)
-        return nn.Dense(dim, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
-                        name="proj")(out)
+        return dense(dim, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
+                     name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -196,8 +210,10 @@ class Block(nn.Module):
     num_heads: int
     mlp_dim: int
     adapter_ratio: float | None = None
+    adapter_chunk_local: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    lora_rank: int = 0
 
     @nn.compact
     def __call__(self, x, drop_key, drop_rate, *, videos: int, time_tokens: int,
@@ -211,12 +227,13 @@ class Block(nn.Module):
 
         keys = jax.random.split(drop_key) if use_drop_path else (None, None)
         y = Attention(self.embed_dim, self.num_heads, self.dtype, self.attention_impl,
-                      name="attn")(norm("norm1")(x))
+                      self.lora_rank, name="attn")(norm("norm1")(x))
         x = residual(x, y, keys[0])
         y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
         x = residual(x, y, keys[1])
         if self.adapter_ratio is not None:
-            x = TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio, dtype=self.dtype,
+            x = TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio,
+                                           chunk_local=self.adapter_chunk_local, dtype=self.dtype,
                                            name="adapter")(x, videos=videos, time_tokens=time_tokens)
         return x
 
@@ -235,6 +252,9 @@ class VisionTransformer(nn.Module):
       adapter_mode: "adapter" | "adapter_full" | "frozen" | "full" | "side" | "none".
       adapter_blocks: "all" or block indices carrying a TIA ("adapter") or tapped ("side").
       adapter_ratio: TIA bottleneck ratio.
+      adapter_chunk_local: TIA temporal conv confined to each chunk (chunks independent; needed
+        for exact sampled-gradient training, see tadjax.train.sampled_grad). Side adapters always
+        see the whole window.
       remat_policy: one of remat.REMAT_POLICIES, applied per block (block + its TIA) and per side
         adapter.
       scan_blocks: run each run of consecutive same-structure blocks with `lax.scan` over the
@@ -244,6 +264,10 @@ class VisionTransformer(nn.Module):
         1.8 GiB scanned with remat "full" (3.7 GiB with "dots").
       dtype: computation dtype; parameters are float32, the residual stream stays float32.
       attention_impl: `implementation` of jax.nn.dot_product_attention (None = let JAX choose).
+      block_indices: original indices of the blocks this model holds (None: all of range(depth));
+        a block-dropped parameter tree (tadjax.surgery.drop_blocks) loads into a model with the
+        same `depth` and the kept indices here.
+      lora_rank: rank of the LoRA branches on attn/qkv and attn/proj (0: none).
     """
 
     embed_dim: int
@@ -258,16 +282,32 @@ class VisionTransformer(nn.Module):
     adapter_mode: str = "adapter"
     adapter_blocks: str | Sequence[int] = "all"
     adapter_ratio: float = 0.25
+    adapter_chunk_local: bool = False
     remat_policy: str = "none"
     scan_blocks: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    block_indices: Sequence[int] | None = None
+    lora_rank: int = 0
 
     def __post_init__(self):
         # A list from a config becomes a tuple so the module stays hashable (jit static args).
         if not isinstance(self.adapter_blocks, (str, tuple)):
             object.__setattr__(self, "adapter_blocks", tuple(self.adapter_blocks))
+        if self.block_indices is not None and not isinstance(self.block_indices, tuple):
+            object.__setattr__(self, "block_indices", tuple(int(i) for i in self.block_indices))
         super().__post_init__()
+
+    def kept_blocks(self) -> tuple[int, ...]:
+        """Original indices of the blocks this model holds, ascending."""
+        if self.block_indices is None:
+            return tuple(range(self.depth))
+        kept = tuple(sorted(set(int(i) for i in self.block_indices)))
+        bad = [i for i in kept if not 0 <= i < self.depth]
+        if bad or not kept or len(kept) != len(self.block_indices):
+            raise ValueError(f"block_indices {self.block_indices} must be distinct indices in "
+                             f"[0, depth={self.depth}), at least one")
+        return kept
 
     # -- configuration checks and derived structure
 
@@ -290,8 +330,9 @@ class VisionTransformer(nn.Module):
     def _block_kwargs(self, i: int) -> dict:
         with_adapter = self.adapter_mode in ("adapter", "adapter_full") and i in self._adapter_indices()
         return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                    adapter_ratio=self.adapter_ratio if with_adapter else None, dtype=self.dtype,
-                    attention_impl=self.attention_impl)
+                    adapter_ratio=self.adapter_ratio if with_adapter else None,
+                    adapter_chunk_local=self.adapter_chunk_local, dtype=self.dtype,
+                    attention_impl=self.attention_impl, lora_rank=self.lora_rank)
 
     def setup(self):
         self._adapter_indices()  # validates adapter_mode and adapter_blocks
@@ -304,8 +345,12 @@ class VisionTransformer(nn.Module):
         kernel = (self.tubelet, self.patch_size, self.patch_size)
         self.patch_embed = nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID",
                                    dtype=self.dtype, param_dtype=jnp.float32)
-        self.blocks = [Block(**self._block_kwargs(i)) for i in range(self.depth)]
+        # A dict keyed by original index: the submodules are named blocks_{i} (flax's naming).
+        self.blocks = {str(i): Block(**self._block_kwargs(i)) for i in self.kept_blocks()}
         if self.adapter_mode == "side":
+            missing = sorted(set(self._adapter_indices()) - set(self.kept_blocks()))
+            if missing:
+                raise ValueError(f"side adapters tap blocks {missing}, which block_indices drops")
             self.side_adapters = {
                 str(i): TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio, residual=False,
                                                    dtype=self.dtype)
@@ -313,11 +358,14 @@ class VisionTransformer(nn.Module):
 
     # -- forward
 
-    def __call__(self, frames: jax.Array, *, train: bool = False, return_tokens: bool = False):
+    def __call__(self, frames: jax.Array, *, train: bool = False, return_tokens: bool = False,
+                 block_mask: jax.Array | None = None):
         """frames [B, T_f, H, W, 3], normalised, T_f a multiple of chunk_frames.
 
         Returns features [B, T_f // tubelet, C] (float32, spatially averaged, before any
-        resize), or (features, tokens [B, K, t·h·w, C]) with return_tokens=True.
+        resize), or (features, tokens [B, K, t·h·w, C]) with return_tokens=True. `block_mask`:
+        bool [depth] by original block index, False = skip that block (identity; its adapter is
+        skipped with it); entries of blocks the model does not hold are ignored.
         """
         if frames.ndim != 5 or frames.shape[-1] != 3:
             raise ValueError(f"VisionTransformer expects frames [B, T, H, W, 3], got {frames.shape}")
@@ -337,7 +385,16 @@ class VisionTransformer(nn.Module):
         if self.adapter_mode in ("adapter", "frozen", "side"):
             x = jax.lax.stop_gradient(x)
 
-        x, taps = self._run_blocks(x, videos=videos, time_tokens=time_tokens, train=train)
+        if block_mask is not None:
+            block_mask = jnp.asarray(block_mask)
+            if block_mask.shape != (self.depth,):
+                raise ValueError(f"block_mask must have shape ({self.depth},) (one flag per "
+                                 f"original block index), got {block_mask.shape}")
+        collect = self.is_mutable_collection("intermediates")
+        x, taps, outputs = self._run_blocks(x, videos=videos, time_tokens=time_tokens, train=train,
+                                            block_mask=block_mask, collect=collect)
+        if collect:
+            self.sow("intermediates", "block_outputs", outputs)
 
         if self.adapter_mode == "side":
             x = x + self._side_sum(taps, videos=videos, time_tokens=time_tokens)
@@ -357,24 +414,34 @@ class VisionTransformer(nn.Module):
             keys = jnp.zeros((self.depth,), jnp.uint32)
         return use, keys, rates
 
-    def _run_blocks(self, x, *, videos, time_tokens, train):
-        """Returns (output of the last block, {block index: output} for the side taps)."""
+    def _run_blocks(self, x, *, videos, time_tokens, train, block_mask=None, collect=False):
+        """Returns (output of the last block, {block index: output} for the side taps,
+        {"i": output of block i} if `collect` else {})."""
         use_drop_path, keys, rates = self._drop_inputs(train)
         tapped = set(self._adapter_indices()) if self.adapter_mode == "side" else set()
         call_kw = dict(videos=videos, time_tokens=time_tokens, use_drop_path=use_drop_path)
-        taps = {}
+        kept = self.kept_blocks()
+        taps, outputs = {}, {}
+        keep_flags = (jnp.ones((self.depth,), bool) if block_mask is None
+                      else block_mask.astype(bool))
+
+        def gated(fn, keep, h):
+            # lax.cond: a skipped block costs nothing, and one compiled function serves any mask.
+            if block_mask is None:
+                return fn(h)
+            return jax.lax.cond(keep, fn, lambda h: h, h)
 
         if self.is_initializing():  # create the parameters through the ordinary submodules
-            for i, block in enumerate(self.blocks):
-                x = block(x, keys[i], rates[i], **call_kw)
+            for i in kept:
+                x = self.blocks[str(i)](x, keys[i], rates[i], **call_kw)
                 if i in tapped:
                     taps[i] = jax.lax.stop_gradient(x)
-            return x, taps
+            return x, taps, outputs
 
-        params = [self._block_params(i) for i in range(self.depth)]
+        params = {i: self._block_params(i) for i in kept}
         # Runs of consecutive blocks with the same structure (adapter or not, tapped or not).
         runs = []
-        for i in range(self.depth):
+        for i in kept:
             signature = (self._block_kwargs(i)["adapter_ratio"] is not None, i in tapped)
             if runs and runs[-1][0] == signature:
                 runs[-1][1].append(i)
@@ -393,19 +460,25 @@ class VisionTransformer(nn.Module):
                 sel = np.asarray(indices)
 
                 def body(h, xs, block_fn=block_fn, is_tap=is_tap):
-                    p, key, rate = xs
-                    h = block_fn(p, h, key, rate)
-                    return h, (jax.lax.stop_gradient(h) if is_tap else None)
+                    p, key, rate, keep = xs
+                    h = gated(lambda h: block_fn(p, h, key, rate), keep, h)
+                    return h, (h if is_tap or collect else None)
 
-                x, outs = jax.lax.scan(body, x, (stacked, keys[sel], rates[sel]))
-                if is_tap:
-                    taps.update({i: outs[j] for j, i in enumerate(indices)})
+                x, outs = jax.lax.scan(body, x, (stacked, keys[sel], rates[sel], keep_flags[sel]))
+                for j, i in enumerate(indices):
+                    if is_tap:
+                        taps[i] = jax.lax.stop_gradient(outs[j])
+                    if collect:
+                        outputs[str(i)] = outs[j]
             else:
                 for i in indices:
-                    x = block_fn(params[i], x, keys[i], rates[i])
+                    x = gated(lambda h, i=i: block_fn(params[i], h, keys[i], rates[i]),
+                              keep_flags[i], x)
                     if is_tap:
                         taps[i] = jax.lax.stop_gradient(x)
-        return x, taps
+                    if collect:
+                        outputs[str(i)] = x
+        return x, taps, outputs
 
     def _block_params(self, i: int):
         """Parameters of block i, with stop_gradient on whatever the mode keeps frozen."""
