@@ -7,6 +7,9 @@ Paths are '/'-joined (`backbone/blocks_3/attn/qkv/kernel`, see tadjax.tree). Sec
     (a PyTorch VideoMAE checkpoint or a `tadjax.tools.convert` output into a detector's
     backbone; the file reading and renaming lives in tadjax.convert).
   * Position tables: `resample_position_table`.
+  * Block drop and LoRA (defined in tadjax.blockdrop, re-exported here): `kept_blocks`,
+    `drop_blocks`, `add_lora`, `merge_lora`, `strip_lora`, `has_lora`, `block_mask`,
+    `reduced_config`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tadjax import tree
+from tadjax.blockdrop import (add_lora, block_mask, drop_blocks, has_lora,  # noqa: F401
+                              kept_blocks, merge_lora, reduced_config, strip_lora)
 
 log = logging.getLogger(__name__)
 
