@@ -114,3 +114,52 @@ def test_vit_chunk_local_adapters_are_chunk_independent():
     np.testing.assert_allclose(both, alone, atol=1e-5)
     both, alone = features(False)
     assert np.abs(both - alone).max() > 1e-3
+
+
+def test_detector_option_ratio_one_equals_full_backprop():
+    """config.train.sampled_grad_ratio on the AdaTAD detector: at ratio 1 the gradient of every
+    trainable leaf (chunk-local TIAs and the head) equals ordinary back-propagation; without
+    chunk-local adapters it is refused."""
+    import pathlib
+    from conftest import load_config_file
+    from tadjax.models import detector as detector_lib
+    from tadjax.train import state as state_lib
+
+    c = load_config_file(pathlib.Path(__file__).parents[1] / "configs" / "demo.py", "quick")
+    with c.unlocked():
+        c.data.window, c.data.img_size = 32, 32
+        c.model.backbone.update(embed_dim=16, depth=2, num_heads=2, mlp_dim=32, adapter_mode="adapter",
+                                adapter_chunk_local=True, pretrain_img_size=32)
+        c.model.head.update(channels=16, n_head=2, path_pdrop=0.0, arch=(1, 1, 1), num_levels=2)
+        c.model.strides, c.model.regress_ranges = (1, 2), ((0, 4), (4, 10000))
+        c.train.sampled_grad_ratio = 0.0
+    full = detector_lib.build_detector(c)
+    c.train.sampled_grad_ratio = 1.0
+    sampled = detector_lib.build_detector(c)
+    assert sampled.sampled_grad_ratio == 1.0
+    params = jax.jit(lambda r: state_lib.init_params(full, c, r))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32), params)
+    frames_shape, mask_shape = detector_lib.input_shapes(c, 2)
+    frames = jnp.asarray(rng.integers(0, 256, frames_shape), jnp.uint8)
+    mask = jnp.ones(mask_shape, bool)
+
+    def grad_of(model):
+        def loss(p):
+            out = model.apply({"params": p}, frames, mask, train=True,
+                              rngs={"dropout": jax.random.key(1)})
+            return jnp.sum(jnp.sin(out["cls_logits"])) + jnp.sum(out["reg"] ** 2)
+        return jax.jit(jax.grad(loss)).lower(params).compile(compiler_options=FAST)(params)
+
+    g_full, g_sampled = grad_of(full), grad_of(sampled)
+    adapter = g_full["backbone"]["blocks_0"]["adapter"]["down"]["kernel"]
+    assert np.abs(np.asarray(adapter)).max() > 1e-6
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_full)[0], jax.tree.leaves(g_sampled)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+
+    c.model.backbone.adapter_chunk_local = False
+    window_tia = detector_lib.build_detector(c)
+    with pytest.raises(ValueError, match="adapter_chunk_local"):
+        jax.eval_shape(lambda p: window_tia.apply({"params": p}, frames, mask, train=True,
+                                                  rngs={"dropout": jax.random.key(1)}), params)

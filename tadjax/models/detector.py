@@ -6,6 +6,7 @@ Parameter tree (the public API):
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,20 +23,34 @@ STD = (58.395, 57.12, 57.375)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def normalize_frames(frames, dtype):
+    """0-255 RGB frames -> (x - MEAN) / STD in `dtype`."""
+    x = frames.astype(jnp.float32)
+    x = (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+    return x.astype(dtype)
+
+
 class Detector(nn.Module):
     backbone: nn.Module
     head: nn.Module
     feature_length: int  # T: length of the 1-D sequence the head sees
     dtype: Any = jnp.float32
+    # > 0: training back-propagates through this fraction of the 16-frame chunks only
+    # (tadjax.train.sampled_grad; config.train.sampled_grad_ratio / sampled_grad_group).
+    sampled_grad_ratio: float = 0.0
+    sampled_grad_group: int = 1
 
     def features(self, frames, *, train: bool):
         """uint8 or float frames [B, T_f, H, W, 3] (0-255 RGB) -> features [B, T, C] float32."""
-        x = frames.astype(jnp.float32)
-        x = (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
-        x = x.astype(self.dtype)
-        feats = self.backbone(x, train=train)  # [B, T_f // tubelet, C]
-        feats = vit.resize_features(feats.astype(jnp.float32), self.feature_length)
-        return feats
+        if train and self.sampled_grad_ratio > 0 and not self.is_initializing():
+            from tadjax.train import sampled_grad
+            feats = sampled_grad.backbone_features(
+                self.backbone, self.variables["params"]["backbone"], frames,
+                self.make_rng("dropout"), normalize=functools.partial(normalize_frames, dtype=self.dtype),
+                ratio=self.sampled_grad_ratio, group=self.sampled_grad_group)
+            return vit.resize_features(feats, self.feature_length)
+        feats = self.backbone(normalize_frames(frames, self.dtype), train=train)  # [B, T_f // 2, C]
+        return vit.resize_features(feats.astype(jnp.float32), self.feature_length)
 
     def __call__(self, frames, mask, *, train: bool):
         feats = self.features(frames, train=train)
@@ -68,7 +83,15 @@ def build_detector(config) -> Detector:
     length = loader_lib.grid_length(config.data)
     head_cfg = dict(model_cfg.head.to_dict(), max_seq_len=length)
     return Detector(backbone=build_backbone(model_cfg.backbone, dtype),
-                    head=build_head(head_cfg, dtype), feature_length=length, dtype=dtype)
+                    head=build_head(head_cfg, dtype), feature_length=length, dtype=dtype,
+                    **sampled_grad_options(config))
+
+
+def sampled_grad_options(config) -> dict:
+    """Detector keywords of sampled-gradient training (config.train.sampled_grad_*; 0 = off)."""
+    t = config.train
+    return dict(sampled_grad_ratio=float(t.get("sampled_grad_ratio", 0.0) or 0.0),
+                sampled_grad_group=int(t.get("sampled_grad_group", 1) or 1))
 
 
 def input_shapes(config, batch_size: int):

@@ -143,3 +143,42 @@ def masked_reference_features(fn: SnippetFn, params, snippets: jax.Array, key: j
     mask = sample_mask(key, b, k, ratio, group)
     mask = mask.reshape(mask.shape + (1,) * (f.ndim - 2))
     return jnp.where(mask, f, jax.lax.stop_gradient(f))
+
+
+SNIPPET_INDEPENDENT_MODES = ("adapter", "adapter_full", "full", "none", "frozen")
+
+
+def backbone_features(backbone, params, frames: jax.Array, key: jax.Array, *, normalize,
+                      ratio: float, group: int = 1) -> jax.Array:
+    """Sampled-gradient features [B, K·t, C] float32 of a VisionTransformer on frames
+    [B, K·chunk_frames, H, W, 3] (uint8 kept as is until each chunk is normalised).
+
+    `backbone`: the VisionTransformer module (bound or not); `params`: its parameter tree;
+    `normalize(frames) -> input`; snippet = one chunk of `backbone.chunk_frames` frames. The
+    backbone must be chunk-independent: TIAs need `adapter_chunk_local=True`, and side adapters
+    (window-wide by design) are not supported.
+    """
+    mode = backbone.adapter_mode
+    if mode not in SNIPPET_INDEPENDENT_MODES:
+        raise ValueError(f"sampled-gradient training needs chunk-independent snippet features; "
+                         f"backbone adapter_mode={mode!r} is not supported (use adapter, "
+                         f"adapter_full or full)")
+    if mode in ("adapter", "adapter_full") and not backbone.adapter_chunk_local:
+        raise ValueError("sampled-gradient training with TIA adapters needs "
+                         "config.model.backbone.adapter_chunk_local=True: the window-wide TIA "
+                         "mixes time across chunks, so a chunk's features depend on its "
+                         "neighbours (ETAD spec §7.3)")
+    b, num_frames = frames.shape[:2]
+    cf = backbone.chunk_frames
+    if num_frames % cf:
+        raise ValueError(f"sampled-gradient training: {num_frames} frames is not a multiple of "
+                         f"chunk_frames={cf}")
+    snippets = frames.reshape((b, num_frames // cf, cf) + frames.shape[2:])
+    bare = backbone.clone(parent=None)
+
+    def snippet_fn(p, chunk, k):
+        out = bare.apply({"params": p}, normalize(chunk[None]), train=True, rngs={"dropout": k})
+        return out[0].astype(jnp.float32)  # [t, C]
+
+    feats = sampled_snippet_features(snippet_fn, params, snippets, key, ratio=ratio, group=group)
+    return feats.reshape(b, -1, feats.shape[-1])
