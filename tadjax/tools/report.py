@@ -5,7 +5,14 @@
 Nothing is allocated: parameters come from jax.eval_shape and the training step is lowered and
 compiled on jax.ShapeDtypeStruct inputs, so any model size can be reported on a laptop. FLOPs are
 XLA's cost analysis of the whole compiled step (forward, backward through the frozen blocks for the
-adapters, optimizer update); memory is XLA's compiled memory analysis per device.
+adapters, optimizer update); memory is XLA's compiled memory analysis per device, for the mesh
+of the config (or --mesh) over the visible devices. Fake devices to size a mesh you do not have:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+      python -m tadjax.tools.report --config configs/adatad_thumos_g_1536_224.py --json
+
+peak_bytes_per_device = arguments + outputs + temporaries - aliased (donated) bytes: everything
+the compiled step holds at once on one device (the state, the batch and XLA's temporary buffers).
 """
 from __future__ import annotations
 
@@ -21,6 +28,19 @@ config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True
 flags.DEFINE_bool("json", False, "Print one JSON line.")
 flags.DEFINE_bool("compile", True, "Compile the training step for FLOPs and memory.")
 flags.DEFINE_integer("batch_size", None, "Per-step batch (default: the config's global batch).")
+flags.DEFINE_string("mesh", None, "Mesh axes overriding config.mesh.axes, e.g. "
+                    "'data=1,fsdp=1,snippet=-1' (-1: the remaining devices).")
+
+
+def parse_mesh(spec: str) -> tuple:
+    """'data=2,snippet=-1' -> (("data", 2), ("snippet", -1))."""
+    axes = []
+    for part in spec.split(","):
+        name, sep, size = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--mesh: expected name=size pairs separated by commas, got {spec!r}")
+        axes.append((name.strip(), int(size)))
+    return tuple(axes)
 
 
 def _count(tree, mask=None):
@@ -32,13 +52,16 @@ def _count(tree, mask=None):
     return int(sum(int(np.prod(x.shape)) for x, m in zip(leaves, jax.tree.leaves(mask)) if m))
 
 
-def report(config, *, compile_step: bool = True, batch_size: int | None = None) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from tadjax.models import detector as detector_lib
-    from tadjax.train import state as state_lib
+def report(config, *, compile_step: bool = True, batch_size: int | None = None,
+           mesh: str | None = None) -> dict:
     from tadjax.train.trainer import Run
 
+    if mesh:
+        with config.unlocked():
+            config.mesh.axes = parse_mesh(mesh)
+    if batch_size:
+        with config.unlocked():
+            config.data.batch_size = int(batch_size)
     run = Run(config, None, with_data=False)
     params = run.abstract_params
     backbone = params.get("backbone", {})
@@ -56,43 +79,69 @@ def report(config, *, compile_step: bool = True, batch_size: int | None = None) 
     if compile_step:
         tx, _ = run.make_tx(steps_per_epoch=100)
         abstract_state = run.abstract_state(tx)
-        b = int(batch_size or config.data.batch_size)
-        frames_shape, mask_shape = detector_lib.input_shapes(config, b)
-        m = int(config.data.max_gt)
-        batch = {
-            "frames": jax.ShapeDtypeStruct(frames_shape, jnp.uint8),
-            "mask": jax.ShapeDtypeStruct(mask_shape, jnp.bool_),
-            "gt_segments": jax.ShapeDtypeStruct((b, m, 2), jnp.float32),
-            "gt_labels": jax.ShapeDtypeStruct((b, m), jnp.int32),
-            "gt_valid": jax.ShapeDtypeStruct((b, m), jnp.bool_),
-        }
-        step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
+        b = int(config.data.batch_size)
+        batch = run.abstract_batch()
+        frames_shape = batch["frames"].shape
+        step = run.make_train_step(tx)
         t0 = time.time()
         compiled = step.lower(abstract_state, batch).compile()
         out["compile_seconds"] = time.time() - t0
-        cost = compiled.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        out["train_step_flops"] = float(cost.get("flops", float("nan")))
+        out["train_step_flops"] = train_step_flops(config, abstract_state, batch, tx, run)
         out["batch_size"] = b
         out["frames"] = frames_shape[1]
         out["img_size"] = frames_shape[2]
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            out["memory"] = {
-                "argument_bytes": int(mem.argument_size_in_bytes),
-                "output_bytes": int(mem.output_size_in_bytes),
-                "temp_bytes": int(mem.temp_size_in_bytes),
-                "alias_bytes": int(mem.alias_size_in_bytes),
-                "generated_code_bytes": int(mem.generated_code_size_in_bytes),
-            }
-            peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
-            if not peak:
-                peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                        + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-            out["peak_bytes_per_device"] = int(peak)
-        out["devices"] = jax.device_count()
+        out.update(memory_figures(compiled))
+        out["devices"] = int(run.mesh.size)
+        out["mesh"] = dict(run.mesh.shape)
+        out["accum_steps"] = run.accum_steps()
     return out
+
+
+def train_step_flops(config, abstract_state, batch, tx, run) -> float:
+    """FLOPs of one training step from XLA's cost analysis of the lowered (unoptimised) HLO.
+
+    XLA's cost analysis counts a while loop's body once, not once per iteration, so a scanned
+    backbone would be under-counted by its depth: FLOPs are taken from the same step with the
+    blocks unrolled (the arithmetic is identical; remat recomputation is included either way).
+    Lowering is cheap: nothing is compiled or allocated.
+    """
+    from tadjax.train import state as state_lib
+    from tadjax.train.trainer import Run
+    if config.model.backbone.get("scan_blocks", False):
+        with config.unlocked():
+            config.model.backbone.scan_blocks = False
+        try:
+            run = Run(config, None, with_data=False)
+        finally:
+            with config.unlocked():
+                config.model.backbone.scan_blocks = True
+    step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
+    cost = step.lower(abstract_state, batch).cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def memory_figures(compiled) -> dict:
+    """Per-device memory of a compiled step (XLA's memory analysis; {} if the backend has none).
+
+    XLA:CPU's own `peak_memory_in_bytes` leaves out the temporaries, so the peak reported here is
+    arguments + outputs + temporaries - aliased (donated) bytes; XLA's figure is kept beside it.
+    """
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}
+    figures = {
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "generated_code_bytes": int(mem.generated_code_size_in_bytes),
+        "xla_peak_bytes": int(getattr(mem, "peak_memory_in_bytes", 0) or 0),
+    }
+    peak = (figures["argument_bytes"] + figures["output_bytes"] + figures["temp_bytes"]
+            - figures["alias_bytes"])
+    return {"memory": figures, "peak_bytes_per_device": int(peak)}
 
 
 def _human(n: float) -> str:
@@ -104,7 +153,8 @@ def _human(n: float) -> str:
 
 def main(argv):
     del argv
-    out = report(FLAGS.config, compile_step=FLAGS.compile, batch_size=FLAGS.batch_size)
+    out = report(FLAGS.config, compile_step=FLAGS.compile, batch_size=FLAGS.batch_size,
+                 mesh=FLAGS.mesh)
     out["config"] = flags.FLAGS["config"].config_filename
     if FLAGS.json:
         print(json.dumps(out))
@@ -117,8 +167,12 @@ def main(argv):
         print(f"training step (batch {out['batch_size']}, {out['frames']} frames at "
               f"{out['img_size']} px): {_human(out['train_step_flops'])}FLOPs")
     if "peak_bytes_per_device" in out:
-        print(f"compiled peak memory per device: {out['peak_bytes_per_device'] / 2**30:.2f} GiB "
-              f"on {out['devices']} device(s)")
+        mem = out["memory"]
+        print(f"compiled memory per device on {out['devices']} device(s) {out['mesh']}: peak "
+              f"{out['peak_bytes_per_device'] / 2**30:.2f} GiB (arguments "
+              f"{mem['argument_bytes'] / 2**30:.2f}, temporaries {mem['temp_bytes'] / 2**30:.2f}, "
+              f"outputs {mem['output_bytes'] / 2**30:.2f}, donated "
+              f"{mem['alias_bytes'] / 2**30:.2f} GiB)")
 
 
 if __name__ == "__main__":
