@@ -204,6 +204,13 @@ def build_or_load(data_cfg) -> dict[str, VideoSource]:
             for split in builder.info.splits.keys()}
 
 
+class UnknownSubsetError(KeyError):
+    """A subset (split) the dataset does not have; prints its message without KeyError's quotes."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
 def get_split(sources: dict[str, VideoSource], name: str) -> VideoSource:
     """sources[name], or the one split whose name matches case-insensitively."""
     if name in sources:
@@ -211,7 +218,11 @@ def get_split(sources: dict[str, VideoSource], name: str) -> VideoSource:
     matches = [k for k in sources if k.lower() == str(name).lower()]
     if len(matches) == 1:
         return sources[matches[0]]
-    raise KeyError(f"no split {name!r}; the dataset has {sorted(sources)}")
+    where = next(iter(sources.values())).data_dir if sources else "the dataset"
+    listing = ", ".join(f"{k!r} ({len(v)} videos)" for k, v in sorted(sources.items())) or "none"
+    raise UnknownSubsetError(
+        f"no split {name!r} (check config.data.train_subset / eval_subset, subset names of the "
+        f"annotation file); {where} has {listing}")
 
 
 _split = get_split

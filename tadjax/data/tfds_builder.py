@@ -45,6 +45,11 @@ BUILDER_NAME = "activitynet_style"
 STORE_MODES = ("bytes", "path")
 _SPLIT_NAME = re.compile(r"^\w+$")
 _CONFIG_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A file is "shorter than its annotations" when it ends before the annotated duration and before
+# the last annotated segment's end by more than this much (seconds, fraction of the duration;
+# both must be exceeded: the doctor's duration tolerance).
+SHORT_VIDEO_TOLERANCE = (0.5, 0.01)
+MAX_LOGGED_ISSUES = 20
 
 
 @dataclasses.dataclass(eq=False)
@@ -217,6 +222,11 @@ class ActivityNetStyle(tfds.core.GeneratorBasedBuilder):
             if not _SPLIT_NAME.match(subset):
                 raise ValueError(f"{cfg.annotations}: subset name {subset!r} is not a valid "
                                  "split name (letters, digits and _ only)")
+        for line in annset.issues[:MAX_LOGGED_ISSUES]:
+            log.warning("%s", line)
+        if len(annset.issues) > MAX_LOGGED_ISSUES:
+            log.warning("%s: %d more annotation warnings like these", cfg.annotations,
+                        len(annset.issues) - MAX_LOGGED_ISSUES)
         self.info.metadata["classes"] = list(annset.classes)
         self.info.metadata["annotations"] = os.path.abspath(cfg.annotations)
         self.info.metadata["store_video"] = cfg.store_video
@@ -236,6 +246,7 @@ class ActivityNetStyle(tfds.core.GeneratorBasedBuilder):
                 data = f.read()
         # Decoding the first and last frames catches most truncated files at build time.
         info = video_lib.probe_video(data if data else path, name=path)
+        _check_covers_annotations(ann, info, path)
         return path, data, info
 
     def _generate_examples(self, annset, subset: str, video_ids: Sequence[str]
@@ -249,8 +260,14 @@ class ActivityNetStyle(tfds.core.GeneratorBasedBuilder):
                 path, data, info = self._read_video(ann)
             except (video_lib.VideoError, OSError) as e:
                 if not cfg.skip_bad_videos:
+                    # One "video ID:" prefix: the inner message names the file (or this id).
+                    reason = str(e)
+                    if isinstance(e, video_lib.VideoError):
+                        reason = e.reason if e.name == video_id else f"{e.name}: {e.reason}"
+                    elif reason.startswith(f"video {video_id}: "):
+                        reason = reason[len(f"video {video_id}: "):]
                     raise video_lib.VideoError(
-                        video_id, f"{e} (annotation {cfg.annotations}, subset {subset!r}; "
+                        video_id, f"{reason} (annotation {cfg.annotations}, subset {subset!r}; "
                         "set skip_bad_videos=True to leave it out)") from e
                 log.warning("skipping video %r (subset %r): %s", video_id, subset, e)
                 skipped.append({"video_id": video_id, "error": str(e)})
@@ -276,6 +293,23 @@ class ActivityNetStyle(tfds.core.GeneratorBasedBuilder):
                     json_meta[k] = None
             records.append(json_meta)
             yield key, dict(meta, segments=segments, labels=labels, video=data)
+
+
+def _check_covers_annotations(ann, info, path: str):
+    """VideoError when the file ends well before its annotation (a truncated or wrong file)."""
+    segments = np.asarray(ann.segments, np.float64).reshape(-1, 2)
+    if not len(segments):
+        return
+    last_end = float(segments[:, 1].max())
+    seconds, fraction = SHORT_VIDEO_TOLERANCE
+    tol = max(seconds, fraction * float(ann.duration))
+    if ann.duration - info.duration > tol and last_end - info.duration > tol:
+        raise video_lib.VideoError(
+            ann.video_id,
+            f"file {path} lasts {info.duration:.2f} s ({info.num_frames} frames at "
+            f"{info.fps:.4g} fps) but its annotation says duration {ann.duration:.2f} s, with "
+            f"segments up to {last_end:.2f} s: the file is shorter than its annotations "
+            "(truncated, or another file)")
 
 
 def prepare(config: ActivityNetStyleConfig, data_dir: str) -> ActivityNetStyle:

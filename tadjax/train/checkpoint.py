@@ -88,11 +88,27 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self.check_compatible(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def check_compatible(self, step: int, abstract_state: Any):
+        """ValueError naming the differing paths when checkpoint `step` holds another tree
+        (another architecture or config) than `abstract_state`."""
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+        except Exception:  # no readable metadata: let the restore itself report
+            return
+        problem = tree_mismatch(stored, abstract_state)
+        if problem:
+            raise ValueError(
+                f"checkpoint {os.path.join(self.directory, str(step))} does not fit this config "
+                f"(written by another architecture or config?): {problem}. Train in a fresh "
+                "--workdir, or use the config the checkpoint was written with (saved beside it "
+                "as config/).")
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -105,6 +121,39 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def tree_mismatch(stored, expected, *, show: int = 5) -> str:
+    """'' when the two trees have the same paths, shapes and dtypes, else a short description."""
+    def leaves(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {_path_str(p): x for p, x in flat if x is not None}
+    a, b = leaves(stored), leaves(expected)
+    missing = sorted(set(b) - set(a))
+    extra = sorted(set(a) - set(b))
+    shapes = [f"{k} {tuple(a[k].shape)} in the checkpoint, {tuple(b[k].shape)} expected"
+              for k in sorted(set(a) & set(b))
+              if tuple(getattr(a[k], "shape", ())) != tuple(getattr(b[k], "shape", ()))]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} arrays missing from the checkpoint, e.g. {missing[:show]}")
+    if extra:
+        parts.append(f"{len(extra)} arrays in the checkpoint that this model lacks, e.g. {extra[:show]}")
+    if shapes:
+        parts.append(f"{len(shapes)} arrays with another shape, e.g. {'; '.join(shapes[:show])}")
+    return "; ".join(parts)
 
 
 def abstract_like(tree):

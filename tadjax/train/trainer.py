@@ -418,8 +418,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
 def _train_and_evaluate(config, workdir, stop_at_step, preemption):
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    writer = writers_lib.create_writer(workdir, just_logging=not is_main)
     run = Run(config, workdir)
+    check_eval_subset(config.data, run.sources)  # fail now, not at the first evaluation
+    writer = writers_lib.create_writer(workdir, just_logging=not is_main)
     tx, schedules = run.make_tx()
     spe = run.steps_per_epoch()
     end_step = int(config.train.end_epoch * spe)
@@ -524,6 +525,18 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
     if summary is None:  # resumed after the last step: report the saved figures
         summary = evaluate(config, workdir)
     return summary
+
+
+def check_eval_subset(data_cfg, sources):
+    """ValueError when the evaluation subset has no video or no ground-truth segment."""
+    source = loader_lib.get_split(sources, data_cfg.eval_subset)
+    segments = sum(len(r["segments"]) for r in source.records)
+    if len(source) == 0 or segments == 0:
+        raise ValueError(
+            f"config.data.eval_subset={data_cfg.eval_subset!r} of "
+            f"{data_cfg.annotations}: {len(source)} videos with {segments} ground-truth "
+            "segments, so evaluation (mAP) is impossible; choose a subset with annotations "
+            "(all its videos may have been blocked or skipped as unreadable)")
 
 
 def _stop_non_finite(guard: NonFiniteGuard, step: int, ckpt, writer):
