@@ -84,8 +84,26 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_flags(argv):
+    """absl flag parsing; a --config.KEY the config does not have ends with one clear line."""
+    try:
+        return FLAGS(argv)
+    except (KeyError, AttributeError) as e:  # ml_collections: a missing key of a locked config
+        text = e
+        while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError(msg))
+            text = text.args[0]
+        text = str(text)
+        name, _, hint = text.partition("\n")
+        name = name.strip("'\"")
+        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        flag = next((o for o in overrides if name in o.split(".")[1:]), "config")
+        sys.stderr.write(f"FATAL Flags parsing error: --{flag}: the config has no field "
+                         f"{name!r}. {hint}\n".replace(" . ", " ").rstrip() + "\n")
+        sys.exit(1)
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
