@@ -5,6 +5,8 @@
       median wall time of a training step on random input, and the process's peak memory
   python -m tadjax.tools.bench loader [--json]     loader throughput (frames/s at 160 px)
   python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
+  python -m tadjax.tools.bench etad --config configs/adatad_anet_s.py [--ratio 0.3] [--json]
+      compiled peak memory of sampled-gradient (ETAD) vs full back-propagation
 
 Run each on an otherwise idle machine, and compare ratios measured in one run.
 """
@@ -103,6 +105,9 @@ def main(argv=None):
     p = sub.add_parser("loader", help="loader throughput")
     p.add_argument("--json", action="store_true")
     p.add_argument("--seconds", type=float, default=10.0)
+    p = sub.add_parser("etad", help="compiled peak memory: sampled-gradient vs full backprop")
+    from tadjax.tools import bench_etad
+    bench_etad.add_arguments(p)
     p = sub.add_parser("eval", help="evaluation speed on THUMOS14")
     from tadjax.tools import bench_eval
     bench_eval.add_arguments(p)
@@ -114,6 +119,9 @@ def main(argv=None):
     elif args.name == "loader":
         from tadjax.tools import bench_loader_cmd
         out = bench_loader_cmd.run(args)
+    elif args.name == "etad":
+        from tadjax.tools import bench_etad
+        out = bench_etad.run(args, overrides)
     elif args.name == "eval":
         from tadjax.tools import bench_eval
         out = bench_eval.run(args)
