@@ -169,8 +169,11 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
 
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=(0,))
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
+    # Metrics replicated, so that every process can read them.
+    metrics_sh = jax.sharding.NamedSharding(jax.tree.leaves(batch_sh)[0].mesh,
+                                            jax.sharding.PartitionSpec())
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))
 
 
 def make_predict_step(model, *, shardings=None) -> Callable:
@@ -184,4 +187,7 @@ def make_predict_step(model, *, shardings=None) -> Callable:
     if shardings is None:
         return jax.jit(predict)
     params_sh, frames_sh, mask_sh = shardings
-    return jax.jit(predict, in_shardings=(params_sh, frames_sh, mask_sh))
+    # Replicated outputs: every process can read them (they are small).
+    return jax.jit(predict, in_shardings=(params_sh, frames_sh, mask_sh),
+                   out_shardings=jax.sharding.NamedSharding(frames_sh.mesh,
+                                                            jax.sharding.PartitionSpec()))
