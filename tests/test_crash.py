@@ -33,7 +33,6 @@ OVERRIDES = {
     "model.backbone.mlp_dim": 64, "model.head.channels": 32,
     "train.epochs": 6, "train.end_epoch": 6, "train.log_every_steps": 1,
     "train.checkpoint_every_steps": CHECKPOINT_EVERY, "eval.batch_size": 2,
-    "mesh.snippet_axis": "",  # TEMP
 }
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT = 600  # seconds for any one wait (a cold compile on a loaded 2-core machine is slow)
