@@ -82,9 +82,23 @@ def build_detector(config) -> Detector:
     dtype = DTYPES[model_cfg.dtype]
     length = loader_lib.grid_length(config.data)
     head_cfg = dict(model_cfg.head.to_dict(), max_seq_len=length)
+    name = model_name(config)
+    if name == "etad":
+        from tadjax.models import etad
+        head = etad.ETADHead(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in head_cfg.items()}, dtype=dtype)
+    elif name == "adatad":
+        head = build_head(head_cfg, dtype)
+    else:
+        raise ValueError(f"unknown config.model.name {name!r}; expected 'adatad' or 'etad'")
     return Detector(backbone=build_backbone(model_cfg.backbone, dtype),
-                    head=build_head(head_cfg, dtype), feature_length=length, dtype=dtype,
+                    head=head, feature_length=length, dtype=dtype,
                     **sampled_grad_options(config))
+
+
+def model_name(config) -> str:
+    """"adatad" (ActionFormer head, the default) or "etad" (tadjax.models.etad head)."""
+    return str(config.model.get("name", "adatad") or "adatad")
 
 
 def sampled_grad_options(config) -> dict:
@@ -105,5 +119,7 @@ def input_shapes(config, batch_size: int):
 def points_for(config) -> np.ndarray:
     from tadjax.detection import points as points_lib
     m = config.model
+    if model_name(config) == "etad":  # anchors live in the ETAD head, not on points
+        return np.zeros((0, 4), np.float32)
     return points_lib.make_points(loader_lib.grid_length(config.data), strides=tuple(m.strides),
                                   regress_ranges=tuple(tuple(r) for r in m.regress_ranges))

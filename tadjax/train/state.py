@@ -78,12 +78,18 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     state_sh, batch_sh = shardings if shardings is not None else (None, None)
+    is_etad = m.get("name", "adatad") == "etad"  # mean-form losses, no EMA normaliser
 
     def micro_loss(trainable, frozen, micro, key):
         """(sum-form loss, aux) of one micro-batch: the losses with normaliser 1."""
         params = opt_lib.merge_trainable(trainable, frozen)
         out = model.apply({"params": params}, micro["frames"], micro["mask"], train=True,
                           rngs={"dropout": key})
+        if is_etad:
+            from tadjax.detection import etad_losses
+            return etad_losses.detection_loss(
+                out, micro["gt_segments"], micro["gt_labels"], micro["gt_valid"],
+                jax.random.fold_in(key, 1), length=micro["mask"].shape[1])
         return losses_lib.detection_loss(
             out, points, micro["gt_segments"], micro["gt_labels"], micro["gt_valid"],
             num_classes=int(m.head.num_classes), normalizer=1.0, normalizer_momentum=None,
@@ -133,6 +139,8 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
         # global batch, not per device) before dividing by it.
         norm = losses_lib.update_normalizer(state["loss_norm"], aux["num_pos"], 0.9)
         scale = 1.0 / norm
+        if is_etad:  # average the micro-batches' mean losses; the normaliser stays as it is
+            norm, scale = state["loss_norm"], 1.0 / accum_steps
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, trainable)
         aux = {"cls_loss": aux["cls_loss"] * scale, "reg_loss": aux["reg_loss"] * scale,
                "num_pos": aux["num_pos"], "normalizer": norm}
@@ -182,6 +190,8 @@ def make_predict_step(model, *, shardings=None) -> Callable:
     `shardings` = (params_sharding, frames_sharding, mask_sharding), or None (one device)."""
     def predict(params, frames, mask):
         out = model.apply({"params": params}, frames, mask, train=False)
+        if "tem" in out:  # ETAD head: every output as float32
+            return jax.tree.map(lambda x: x.astype(jnp.float32), out)
         return {"cls_logits": out["cls_logits"].astype(jnp.float32),
                 "reg": out["reg"].astype(jnp.float32), "point_mask": out["point_mask"]}
     if shardings is None:

@@ -235,14 +235,21 @@ def predict_videos(run: Run, params, predict_step=None) -> dict[str, dict]:
     videos = loader_lib.eval_videos(cfg.data, run.sources)
     for batch in loader_lib.eval_batches(cfg.data, run.sources, int(ecfg.batch_size)):
         out = jax.device_get(predict_step(params, batch["frames"], batch["mask"]))
-        for i in range(out["cls_logits"].shape[0]):
+        for i in range(out["reg"].shape[0]):
             if not batch["valid"][i]:
                 continue
             meta = videos[int(batch["video_index"][i])]
-            det = postprocess.decode(out["cls_logits"][i], out["reg"][i], run.points,
-                                     out["point_mask"][i],
-                                     pre_nms_thresh=float(ecfg.pre_nms_thresh),
-                                     pre_nms_topk=int(ecfg.pre_nms_topk))
+            if "tem" in out:  # ETAD head
+                from tadjax.detection import etad_postprocess
+                det = etad_postprocess.decode(out["tem"][i], out["anchors"][i], out["iou"][i],
+                                              out["reg"][i],
+                                              out["cls_logits"][i] if "cls_logits" in out else None,
+                                              pre_nms_topk=int(ecfg.pre_nms_topk))
+            else:
+                det = postprocess.decode(out["cls_logits"][i], out["reg"][i], run.points,
+                                         out["point_mask"][i],
+                                         pre_nms_thresh=float(ecfg.pre_nms_thresh),
+                                         pre_nms_topk=int(ecfg.pre_nms_topk))
             segs = loader_lib.grid_to_seconds(meta, det.segments, int(batch["grid_start"][i]))
             segs = np.clip(segs, 0.0, meta["duration"])
             per_video.setdefault(meta["video_id"], []).append((segs, det.scores, det.labels))
