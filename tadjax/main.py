@@ -8,6 +8,8 @@ Modes: train (with periodic evaluation; restarting in the same workdir resumes),
 latest checkpoint of the workdir, or --step) and predict (raw videos, no annotations; see
 tadjax/predict.py):
   python -m tadjax.main --mode predict --checkpoint workdirs/demo --videos clips/ --out preds/
+and compress (Progressive Block Drop of a trained model, see tadjax/compress.py):
+  python -m tadjax.main --config configs/blockdrop_demo.py --mode compress --workdir workdirs/bd
 Config files are `get_config(arg)` returning a locked ConfigDict, so a mistyped --config.key is
 an error, not a silently ignored flag.
 """
@@ -24,7 +26,7 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, results).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "compress"], "What to do.")
 flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 flags.DEFINE_string("videos", None, "predict: a video file or a directory of videos.")
@@ -55,6 +57,12 @@ def main(argv):
     logging.info("workdir %s; %d devices (%d local) on %s; process %d of %d", workdir,
                  jax.device_count(), jax.local_device_count(), jax.default_backend(),
                  jax.process_index(), jax.process_count())
+    if FLAGS.mode == "compress":  # Progressive Block Drop (tadjax/compress.py)
+        from tadjax import compress
+        report = compress.compress(config, workdir)
+        if report is not None and jax.process_index() == 0:
+            print(compress.format_table(report["rounds"]), flush=True)
+        return
     if FLAGS.mode == "train":
         summary = trainer.train_and_evaluate(config, workdir)
     else:

@@ -5,6 +5,8 @@
       median wall time of a training step on random input, and the process's peak memory
   python -m tadjax.tools.bench loader [--json]     loader throughput (frames/s at 160 px)
   python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
+  python -m tadjax.tools.bench blockdrop --config configs/adatad_thumos_s.py --drop 3 [--json]
+      backbone FLOPs and forward time, full vs. block-dropped (tadjax/tools/bench_blockdrop.py)
   python -m tadjax.tools.bench etad --config configs/adatad_anet_s.py [--ratio 0.3] [--json]
       compiled peak memory of sampled-gradient (ETAD) vs full back-propagation
 
@@ -113,6 +115,9 @@ def main(argv=None):
     bench_eval.add_arguments(p)
     if not any(a.dest == "json" for a in p._actions):
         p.add_argument("--json", action="store_true")
+    p = sub.add_parser("blockdrop", help="backbone FLOPs and forward time with blocks dropped")
+    from tadjax.tools import bench_blockdrop
+    bench_blockdrop.add_arguments(p)
     args, overrides = parser.parse_known_args(argv)
     if args.name == "step":
         out = bench_step(args, overrides)
@@ -122,6 +127,9 @@ def main(argv=None):
     elif args.name == "etad":
         from tadjax.tools import bench_etad
         out = bench_etad.run(args, overrides)
+    elif args.name == "blockdrop":
+        from tadjax.tools import bench_blockdrop
+        out = bench_blockdrop.run(args, overrides)
     elif args.name == "eval":
         from tadjax.tools import bench_eval
         out = bench_eval.run(args)
