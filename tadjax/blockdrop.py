@@ -151,6 +151,14 @@ def block_mask(depth: int, keep: Iterable[int]) -> jax.Array:
     return jnp.asarray([i in keep for i in range(int(depth))], bool)
 
 
+def config_depth(config) -> int:
+    """The backbone's original depth: `model.backbone.depth`, else its variant's."""
+    from tadjax.models.vit import VARIANTS
+    b = config.model.backbone
+    depth = b.get("depth")
+    return int(depth) if depth is not None else int(VARIANTS[b.variant]["depth"])
+
+
 def reduced_config(config, kept: Iterable[int] | None, *, lora_rank: int | None = None):
     """A copy of a full tadjax config whose backbone holds only `kept` (original indices; None =
     all) and, if given, LoRA of rank `lora_rank`. The block-dropped tree loads into

@@ -189,7 +189,7 @@ def score_blocks(config, params, candidates, *, metric: str, batches=None, run=N
     if metric not in SELECTION_METRICS:
         raise ValueError(f"config.compress.selection.metric must be one of {SELECTION_METRICS}, "
                          f"got {metric!r}")
-    depth = int(config.model.backbone.depth)
+    depth = blockdrop.config_depth(config)
     kept = blockdrop.kept_blocks(params)
     model = detector_lib.build_detector(config)
     predict = predict or make_masked_predict(model)
@@ -535,7 +535,7 @@ def compress(config, workdir: str, *, stop_at_step: int | None = None) -> dict |
     os.makedirs(workdir, exist_ok=True)
     c = config.compress
     kind, value = parse_target(c.target)
-    depth = int(config.model.backbone.depth)
+    depth = blockdrop.config_depth(config)
     teacher_params = load_teacher(config)
     m0_kept = blockdrop.kept_blocks(teacher_params)
     if len(m0_kept) != depth:

@@ -23,7 +23,7 @@ def run(args, overrides=()) -> dict:
     from tadjax import blockdrop, compress
     from tadjax.tools.bench import load_config
     config = load_config(args.config, list(overrides))
-    depth = int(config.model.backbone.depth)
+    depth = blockdrop.config_depth(config)
     if args.indices:
         dropped = sorted(int(i) for i in args.indices.split(","))
     else:
