@@ -22,7 +22,7 @@ Outputs (dict): "tem" [B,T,2] probabilities, "anchors" [B,S=3,K,2] (anchors each
 "cls_logits" [B,S,K,num_classes] (absent when num_classes == 1).
 
 Parameter paths: `layer1/{conv,norm}`, `mem_f/{ih,hh}/{kernel,bias}`, `mem_b/...`,
-`layer2_{f,d,b}/...`, `layer3/...`, `tem/{conv1,conv2}`, `stage_{i}/{residual,reduce,roi_fc,
+`layer2_{f,d,b}/...`, `layer3/...`, `tem_conv1`, `tem_conv2`, `stage_{i}/{residual,reduce,roi_fc,
 iou_fc_{j},cls_se_fc_{j},reg_cw_fc_{j},reg_s_fc_{j},reg_e_fc_{j},cls_fc_{j}}`.
 """
 from __future__ import annotations
