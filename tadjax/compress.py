@@ -168,11 +168,22 @@ def make_masked_predict(model) -> Callable:
 
 
 def _subset_sources(sources, split: str, max_videos: int):
+    """`sources` with split `split` cut to its first `max_videos` videos (0: unchanged)."""
     if not max_videos:
         return sources
     from tadjax.data import loader as loader_lib
+
+    class FirstVideos(loader_lib.VideoSource):
+        """The first records of a split; reads go to the whole split (same indices)."""
+
+        def _open(self):
+            if self._source is None:
+                import tensorflow_datasets as tfds
+                self._source = tfds.builder_from_directory(self.data_dir).as_data_source(self.split)
+            return self._source
+
     src = loader_lib.get_split(sources, split)
-    small = loader_lib.VideoSource(src.data_dir, src.split, src.records[:int(max_videos)], src.classes)
+    small = FirstVideos(src.data_dir, src.split, src.records[:int(max_videos)], src.classes)
     return {**sources, src.split: small}
 
 
