@@ -35,7 +35,9 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
     m.backbone = ml_collections.ConfigDict({**dict(
         variant=variant, drop_path_rate=drop_path_rate, adapter_mode=adapter_mode,
         adapter_blocks=adapter_blocks, adapter_ratio=0.25, remat_policy=remat_policy,
-        scan_blocks=scan_blocks), **(backbone_overrides or {})})
+        scan_blocks=scan_blocks,
+        # TIA temporal conv confined to each 16-frame chunk (needed by sampled-gradient training).
+        adapter_chunk_local=False), **(backbone_overrides or {})})
     m.head = ml_collections.ConfigDict({**dict(
         num_classes=num_classes, channels=channels, arch=(2, 2, 5), n_head=4, mha_win_size=-1,
         path_pdrop=0.1, input_pdrop=0.0, use_abs_pe=use_abs_pe), **(head_overrides or {})})
@@ -81,6 +83,10 @@ def train_config(*, epochs: int, end_epoch: int, warmup_epochs: int,
     # Videos per device and micro-step (0: the whole per-device share at once). Smaller values
     # accumulate gradients over several micro-steps; the global batch stays data.batch_size.
     t.per_device_batch = 0
+    # ETAD-style sampled-gradient backbone training: fraction of 16-frame chunks back-propagated
+    # (0 = full back-propagation), drawn in groups of `sampled_grad_group` chunks.
+    t.sampled_grad_ratio = 0.0
+    t.sampled_grad_group = 1
     return t
 
 
