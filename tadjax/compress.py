@@ -348,7 +348,10 @@ def backbone_cost(config, params=None, *, repeats: int = 3, batch_size: int = 1,
     """FLOPs (XLA cost analysis) and measured wall time of the backbone forward in eval mode, for
     the config's input (batch `batch_size`). `params`: the backbone subtree (random if None)."""
     from tadjax.models.detector import build_backbone, input_shapes, DTYPES
-    backbone = build_backbone(config.model.backbone, DTYPES[config.model.dtype])
+    # Unrolled: XLA's cost analysis counts a scan body once, not once per block; remat does
+    # nothing in a forward pass.
+    backbone = build_backbone(config.model.backbone, DTYPES[config.model.dtype]).clone(
+        scan_blocks=False, remat_policy="none")
     frames_shape, _ = input_shapes(config, batch_size)
     x = jax.ShapeDtypeStruct(frames_shape, jnp.float32)
     if params is None:
