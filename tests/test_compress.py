@@ -96,6 +96,7 @@ def test_choose_block_and_target_parsing():
     assert not compress._target_reached("map_drop", 0.01, rounds[:2], 4)
 
 
+@pytest.mark.slow
 def test_one_round_resumes_and_loads_by_config(tiny_synthetic, tmp_path):
     # The smallest detector that still has every part (compiles dominate on 2 CPU cores).
     config = tiny_demo_config(tiny_synthetic, tmp_path)

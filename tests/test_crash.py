@@ -167,6 +167,7 @@ def _assert_trees_equal(a, b):
                                       err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_sigkill_three_times_and_sigterm_resume_to_the_uninterrupted_result(dataset, tmp_path):
     reference = Proc(tmp_path / "reference", dataset, "log.txt")
     # Let the reference compile (and fill the cache) before the others start.
@@ -295,6 +296,7 @@ def test_non_finite_step_skips_the_update_but_advances_the_step(tiny_synthetic, 
     assert float(after_good["loss_norm"]) != float(before["loss_norm"])
 
 
+@pytest.mark.slow
 def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(dataset, tmp_path):
     # A real cause: a learning rate of 1e30. Step 1 runs at lr 0 (warm-up), step 2 makes the
     # weights ~1e30, after which every forward pass overflows.

@@ -121,6 +121,7 @@ def test_boundary_mask_and_decode():
     np.testing.assert_allclose(det.scores, [0.72], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiny_head_trains():
     """Shapes of a tiny ETAD head, and one gradient step of its loss lowers it."""
     head = etad.ETADHead(num_classes=3, max_seq_len=16, hidden=32)

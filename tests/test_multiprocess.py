@@ -5,6 +5,7 @@ the parameters are split FSDP-style over all 4 devices (so across the processes)
 and restores the sharded state collectively. The losses and parameters after 2 steps match a
 single-device run with the same global batches, and the restored state equals the saved one.
 """
+import pytest
 import json
 import os
 import pathlib
@@ -80,6 +81,7 @@ def _worker(port: int, process_id: int, out_dir: str):
     jax.distributed.shutdown()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     from test_sharding import tiny_config, train_two_steps
     import jax

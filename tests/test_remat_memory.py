@@ -3,6 +3,7 @@
 XLA's memory analysis of the compiled step, from abstract shapes (nothing is allocated): the
 temporaries fall strictly from no remat to saving dots to saving nothing.
 """
+import pytest
 import pathlib
 import sys
 
@@ -27,6 +28,7 @@ def step_temp_bytes(policy: str) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+@pytest.mark.slow
 def test_temporaries_fall_from_none_to_dots_to_full():
     none, dots, full = (step_temp_bytes(p) for p in ("none", "dots", "full"))
     assert none > dots > full, {"none": none, "dots": dots, "full": full}

@@ -178,6 +178,7 @@ def _worker(out_dir):
         json.dump(results, f)
 
 
+@pytest.mark.slow
 def test_sharded_steps_match_one_device(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE.parent))

@@ -51,6 +51,7 @@ def test_stop_and_resume_matches_uninterrupted(tiny_synthetic, tmp_path):
     assert list(metrics["mAP"]) == ["0.30", "0.40", "0.50", "0.60", "0.70"]
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_beats_untrained(tiny_synthetic, tmp_path):
     config = tiny_demo_config(tiny_synthetic, tmp_path, **{
         "train.end_epoch": 12, "train.epochs": 12, "train.ema_decay": 0.8,
