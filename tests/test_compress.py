@@ -97,6 +97,8 @@ def test_choose_block_and_target_parsing():
 
 
 @pytest.mark.slow
+# About 1 min on an idle 2-core machine, 4 min under load (7 XLA compiles): with the slow checks.
+@pytest.mark.slow
 def test_one_round_resumes_and_loads_by_config(tiny_synthetic, tmp_path):
     # The smallest detector that still has every part (compiles dominate on 2 CPU cores).
     config = tiny_demo_config(tiny_synthetic, tmp_path)
