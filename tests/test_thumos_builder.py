@@ -18,6 +18,10 @@ VIDEOS = {"video_validation_0000988": "Validation", "video_validation_0000989": 
           "video_test_0000270": "Test"}  # 0270: removed by OpenTAD (wrong annotations)
 
 
+def frames_for(entry) -> int:
+    return int(np.ceil(entry["duration"] * 2)) + 1
+
+
 def write_video(path, num_frames=24, fps=30, size=(36, 48)):
     h, w = size
     with av.open(str(path), "w") as out:
@@ -39,7 +43,10 @@ def thumos_dir(thumos_json, tmp_path_factory):
     (root / "thumos14_small.json").write_text(json.dumps(small))
     (root / "videos").mkdir()
     for vid in VIDEOS:
-        write_video(root / "videos" / f"{vid}.mp4")
+        # As long as the annotation says (the builder rejects files shorter than their
+        # annotations), at 2 fps to stay tiny.
+        write_video(root / "videos" / f"{vid}.mp4", num_frames=frames_for(full["database"][vid]),
+                    fps=2)
     return root, full["database"]
 
 
@@ -62,7 +69,7 @@ def test_builder_yields_the_subsets_and_segments(thumos_dir, tmp_path):
             np.testing.assert_array_equal(r["segments"], expected)
             assert r["labels"].tolist() == [a["label_id"] for a in ann["annotations"]]
             assert r["duration"] == ann["duration"] and r["annotation_fps"] == ann["fps"]
-            assert (r["num_frames"], r["fps"], r["height"], r["width"]) == (24, 30.0, 36, 48)
+            assert (r["num_frames"], r["fps"], r["height"], r["width"]) == (frames_for(ann), 2.0, 36, 48)
             assert r["filename"] == f"{r['video_id']}.mp4"
     assert seen == {k: v for k, v in VIDEOS.items() if k != "video_test_0000270"}
 
@@ -75,13 +82,14 @@ def test_adatad_thumos_config_trains_on_validation_and_tests_on_test(thumos_dir,
     config.data.annotations = str(root / "thumos14_small.json")
     config.data.videos = str(root / "videos")
     config.data.tfds_dir = str(tmp_path / "tfds")
-    assert config.data.blocked == "third_party/thumos14/opentad_removed_videos.txt"  # repo-relative
-    config.data.blocked = str(REPO / config.data.blocked)
+    # Found from any working directory.
+    assert config.data.blocked == str(REPO / "third_party" / "thumos14" / "opentad_removed_videos.txt")
     sources = loader_lib.build_or_load(config.data)
     train = loader_lib.get_split(sources, config.data.train_subset)
     evaluation = loader_lib.eval_videos(config.data, sources)
     assert [r["video_id"] for r in train.records] == ["video_validation_0000988", "video_validation_0000989"]
     assert [v["video_id"] for v in evaluation] == ["video_test_0000004", "video_test_0000006"]
-    # 24 frames at stride 4: 6 grid positions, one window; times use the annotation's 30 fps.
+    # At most 135 frames at stride 4: under 768 grid positions, one window; times use the
+    # annotation's 30 fps, not the file's.
     assert all(v["grid_starts"] == [0] and v["fps"] == 30.0 for v in evaluation)
     np.testing.assert_allclose(loader_lib.grid_to_seconds(evaluation[0], np.array([3.0])), [0.4])

@@ -20,16 +20,7 @@ import json
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-flags.DEFINE_bool("json", False, "Print one JSON line.")
-flags.DEFINE_bool("compile", True, "Compile the training step for FLOPs and memory.")
-flags.DEFINE_integer("batch_size", None, "Per-step batch (default: the config's global batch).")
-flags.DEFINE_string("mesh", None, "Mesh axes overriding config.mesh.axes, e.g. "
-                    "'data=1,fsdp=1,snippet=-1' (-1: the remaining devices).")
+import argparse
 
 
 def parse_mesh(spec: str) -> tuple:
@@ -151,12 +142,27 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def main(argv):
-    del argv
-    out = report(FLAGS.config, compile_step=FLAGS.compile, batch_size=FLAGS.batch_size,
-                 mesh=FLAGS.mesh)
-    out["config"] = flags.FLAGS["config"].config_filename
-    if FLAGS.json:
+def main(argv=None):
+    # argparse + a private absl FlagValues for the config (see tools.bench.load_config): importing
+    # this module must not define global absl flags, which would clash with tadjax.main's.
+    from tadjax.tools.bench import load_config
+    parser = argparse.ArgumentParser(prog="python -m tadjax.tools.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="config file (configs/X.py[:arg])")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=True,
+                        help="compile the training step for FLOPs and memory (default)")
+    parser.add_argument("--nocompile", dest="compile", action="store_false",
+                        help="parameter counts only")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="per-step batch (default: the config's global batch)")
+    parser.add_argument("--mesh", default=None, help="mesh axes overriding config.mesh.axes, e.g. "
+                        "'data=1,fsdp=1,snippet=-1' (-1: the remaining devices)")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    config = load_config(args.config, overrides)
+    out = report(config, compile_step=args.compile, batch_size=args.batch_size, mesh=args.mesh)
+    out["config"] = args.config
+    if args.json:
         print(json.dumps(out))
         return
     print(f"parameters: total {_human(out['params_total'])} ({out['params_total']:,}), "
@@ -176,4 +182,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
