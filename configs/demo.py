@@ -15,8 +15,8 @@ The `arg` (configs/demo.py:quick) selects a shorter schedule used by the tests.
 """
 import ml_collections
 
-from tadjax.config import eval_config, finalize, mesh_config, model_config, train_config
-from tadjax.data.loader import default_data_config
+from tadjax.config import (eval_config, finalize, mesh_config, model_config, synthetic_data,
+                           train_config)
 from tadjax.data.synthetic import CLASSES
 
 
@@ -24,15 +24,7 @@ def get_config(arg=None):
     quick = arg == "quick"
     c = ml_collections.ConfigDict()
     c.seed = 0
-    d = default_data_config()
-    d.update(dict(
-        annotations="synthetic", name="synthetic", train_subset="training",
-        eval_subset="validation", mode="window", window=128, snippet_stride=2, scale_factor=1,
-        img_size=64, train_short_side=72, eval_short_side=64, rrc_scale=(0.6, 1.0),
-        # No horizontal flip: it would turn a diagonal motion into an anti-diagonal one, which
-        # is another class of the synthetic set.
-        flip=False, color_jitter=True, batch_size=4, max_gt=32, num_workers=0))
-    c.data = d
+    c.data = synthetic_data()
     c.model = model_config(
         variant="S", num_classes=len(CLASSES), channels=128, drop_path_rate=0.0,
         init_loss_norm=20.0, remat_policy="none", scan_blocks=False,

@@ -10,8 +10,7 @@ has 5 classes and no video-level classifier, so the ETAD head carries a per-prop
 """
 import ml_collections
 
-from tadjax.config import eval_config, finalize, mesh_config
-from tadjax.data.loader import default_data_config
+from tadjax.config import eval_config, finalize, mesh_config, synthetic_data
 from tadjax.data.synthetic import CLASSES
 
 
@@ -58,13 +57,7 @@ def get_config(arg=None):
     quick = arg == "quick"
     c = ml_collections.ConfigDict()
     c.seed = 0
-    d = default_data_config()
-    d.update(dict(
-        annotations="synthetic", name="synthetic", train_subset="training",
-        eval_subset="validation", mode="window", window=128, snippet_stride=2, scale_factor=1,
-        img_size=64, train_short_side=72, eval_short_side=64, rrc_scale=(0.6, 1.0),
-        flip=False, color_jitter=True, batch_size=4, max_gt=32, num_workers=0))
-    c.data = d
+    c.data = synthetic_data()
     c.model = etad_model(num_classes=len(CLASSES), hidden=128, backbone=dict(
         variant="S", embed_dim=96, depth=4, num_heads=3, mlp_dim=384, patch_size=16,
         drop_path_rate=0.0, adapter_mode="adapter_full", adapter_blocks="all", adapter_ratio=0.25,

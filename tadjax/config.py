@@ -136,6 +136,18 @@ def _data(**overrides):
     return d
 
 
+def synthetic_data():
+    """`config.data` of the demos: the synthetic set, windows of 128 positions at 2 raw frames
+    each, 64-px frames, batches of 4."""
+    return _data(
+        annotations="synthetic", name="synthetic", train_subset="training",
+        eval_subset="validation", mode="window", window=128, snippet_stride=2, scale_factor=1,
+        img_size=64, train_short_side=72, eval_short_side=64, rrc_scale=(0.6, 1.0),
+        # No horizontal flip: it would turn a diagonal motion into an anti-diagonal one, which
+        # is another class of the synthetic set.
+        flip=False, color_jitter=True, batch_size=4, max_gt=32, num_workers=0)
+
+
 def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str | None = None):
     """AdaTAD on THUMOS14: windows of 768 positions at 4 raw frames each (spec §5.1).
 
