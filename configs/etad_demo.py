@@ -10,7 +10,7 @@ has 5 classes and no video-level classifier, so the ETAD head carries a per-prop
 """
 import ml_collections
 
-from tadjax.config import eval_config, finalize, mesh_config, synthetic_data
+from tadjax.config import eval_config, finalize, mesh_config, synthetic_data, train_config
 from tadjax.data.synthetic import CLASSES
 
 
@@ -29,25 +29,18 @@ def etad_model(*, num_classes: int, backbone: dict, hidden: int = 256):
 
 def etad_train(*, epochs: int, warmup_epochs: int, backbone_regex: str, backbone_lr: float,
                head_lr: float, ratio: float, group: int = 1):
-    t = ml_collections.ConfigDict()
-    t.epochs = epochs
-    t.end_epoch = epochs
-    t.warmup_epochs = warmup_epochs
+    """tadjax.config.train_config with ETAD's groups (weight decay 1e-4 everywhere), EMA 0.99
+    and encoder-gradient sampling: back-propagate through `ratio` of the 16-frame chunks
+    (tadjax.train.sampled_grad); 0 = full back-propagation."""
+    t = train_config(epochs=epochs, end_epoch=epochs, warmup_epochs=warmup_epochs,
+                     adapter_lr=None, head_lr=head_lr)
     t.param_groups = [
         dict(name="backbone", regex=backbone_regex, lr=backbone_lr, weight_decay=1e-4, no_decay=()),
         dict(name="head", regex=r"^head/", lr=head_lr, weight_decay=1e-4, no_decay=())]
-    t.grad_clip = 1.0
     t.ema_decay = 0.99
-    t.log_every_steps = 10
-    t.checkpoint_every_steps = 200
     t.keep_checkpoints = 2
-    t.keep_best = 1
     t.eval_start_epoch = epochs - 1
     t.eval_every_epochs = 1
-    t.max_bad_steps = 20
-    t.per_device_batch = 0
-    # ETAD encoder-gradient sampling: back-propagate through this fraction of the 16-frame
-    # chunks (tadjax.train.sampled_grad); 0 = full back-propagation.
     t.sampled_grad_ratio = ratio
     t.sampled_grad_group = group
     return t
