@@ -175,8 +175,8 @@ def _decode_native(reader, source, name, unique, height, width):
         frames = reader.get_batch(unique.tolist()).asnumpy()
         if frames.shape[1:] == (height, width, 3):
             return frames
-    except Exception:
-        pass
+    except Exception:  # decord 0.6.0 fails or returns 4-channel frames at some sizes:
+        pass           # fall back to PyAV, which raises a VideoError naming the file if it fails too
     return _decode_sequential(source, name, unique)
 
 

@@ -72,6 +72,7 @@ class TensorboardWriter:
 
 
 class LoggingWriter:
+    """Scalars to the log; nothing to buffer, so hparams, flush and close are no-ops."""
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         body = ", ".join(f"{k}={_scalar(v):.6g}" for k, v in sorted(scalars.items()))
         logging.info("[%d] %s", step, body)
