@@ -29,13 +29,17 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
                  adapter_blocks="all", drop_path_rate: float = 0.1,
                  init_loss_norm: float = 100.0, label_smoothing: float = 0.0,
                  loss_weight: float = 1.0, remat_policy: str = "full",
-                 scan_blocks: bool = True, backbone_overrides=None, head_overrides=None):
+                 scan_blocks: bool = True, chunk_group: int = 0, backbone_overrides=None,
+                 head_overrides=None):
     m = ml_collections.ConfigDict()
     m.dtype = "float32"
     m.backbone = ml_collections.ConfigDict({**dict(
         variant=variant, drop_path_rate=drop_path_rate, adapter_mode=adapter_mode,
         adapter_blocks=adapter_blocks, adapter_ratio=0.25, remat_policy=remat_policy,
         scan_blocks=scan_blocks,
+        # Chunk rows (of the whole batch) whose attention + MLP a block computes at a time
+        # (0: all at once); a memory option, the values do not change (VisionTransformer).
+        chunk_group=chunk_group,
         # TIA temporal conv confined to each 16-frame chunk (needed by sampled-gradient training).
         adapter_chunk_local=False), **(backbone_overrides or {})})
     m.head = ml_collections.ConfigDict({**dict(

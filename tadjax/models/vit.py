@@ -146,11 +146,19 @@ def resize_features(x: jax.Array, length: int) -> jax.Array:
 
 # ----------------------------------------------------------------------------- block
 
+def drop_path_mask(key: jax.Array, rate: jax.Array, shape: tuple) -> jax.Array:
+    """Stochastic-depth keep mask, one draw per row of axis 0: bool [rows, 1, ...] for `shape`."""
+    return jax.random.bernoulli(key, 1.0 - rate, (shape[0],) + (1,) * (len(shape) - 1))
+
+
+def apply_drop_path(x: jax.Array, keep: jax.Array, rate: jax.Array) -> jax.Array:
+    """x / (1 - rate) where `keep`, 0 elsewhere."""
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
 def drop_path(x: jax.Array, key: jax.Array, rate: jax.Array) -> jax.Array:
     """Stochastic depth per row of axis 0 (one row = one 16-frame chunk): x / keep or 0."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+    return apply_drop_path(x, drop_path_mask(key, rate, x.shape), rate)
 
 
 class Attention(nn.Module):
@@ -198,12 +206,46 @@ class Mlp(nn.Module):
                         name="fc2")(y)
 
 
+def row_groups(rows: int, group: int) -> int:
+    """How many groups `map_row_groups` splits `rows` rows into for groups of at most `group`
+    rows: the smallest divisor n of rows with rows / n <= group (1 when group <= 0)."""
+    if group <= 0 or group >= rows:
+        return 1
+    return next(n for n in range(1, rows + 1) if rows % n == 0 and rows // n <= group)
+
+
+def map_row_groups(fn, args: tuple, groups: int):
+    """fn(*args) computed one group of rows (axis 0) at a time, for a row-local fn.
+
+    Group j holds rows j, j + groups, j + 2·groups, ... (interleaved, not contiguous): when axis 0
+    is split over devices (the chunks of a video over the "snippet" axis), every group then takes
+    the same number of rows from every device and no rows move between devices. `lax.map` runs
+    the groups one after another, so the temporaries of fn (the attention scores) exist for one
+    group only.
+    """
+    if groups == 1:
+        return fn(*args)
+    rows = args[0].shape[0]
+
+    def split(a):  # [rows, ...] -> [groups, rows / groups, ...]
+        return jnp.swapaxes(a.reshape((rows // groups, groups) + a.shape[1:]), 0, 1)
+
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in args))
+    return jnp.swapaxes(out, 0, 1).reshape((rows,) + out.shape[2:])
+
+
 class Block(nn.Module):
     """Pre-LN ViT block, then (optionally) its TIA: y = TIA(Block(x)).
 
     `adapter_ratio=None` builds a block without adapter. The drop-path key and rate are arguments
     (not RNG streams / attributes) so that an unrolled loop and a scan over stacked blocks draw
     the same masks.
+
+    `chunk_group` > 0 computes attention + MLP (which are local to each chunk row) for at most
+    that many rows at a time (`map_row_groups`), each group under `jax.checkpoint` with
+    `remat_policy` ("full" when it is "none"), so that neither the forward nor the backward pass
+    holds more than one group's attention scores; the TIA, which mixes chunks, then runs over
+    the whole sequence. The values are those of the ungrouped block.
     """
 
     embed_dim: int
@@ -214,27 +256,53 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     lora_rank: int = 0
+    chunk_group: int = 0
+    remat_policy: str = "none"
 
-    @nn.compact
+    def setup(self):
+        def norm():
+            return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=jnp.float32)
+
+        self.norm1 = norm()
+        self.attn = Attention(self.embed_dim, self.num_heads, self.dtype, self.attention_impl,
+                              self.lora_rank)
+        self.norm2 = norm()
+        self.mlp = Mlp(self.mlp_dim, self.dtype)
+        if self.adapter_ratio is not None:
+            self.adapter = TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio,
+                                                      chunk_local=self.adapter_chunk_local,
+                                                      dtype=self.dtype)
+
+    def mix(self, x, attn_keep=None, mlp_keep=None, drop_rate=None):
+        """x + attention, then + MLP, on rows of x [rows, tokens, C]; `*_keep` are the drop-path
+        masks [rows, 1, 1] (None: no drop path)."""
+        def residual(x, y, keep):
+            return x + (y if keep is None else apply_drop_path(y, keep, drop_rate))
+
+        x = residual(x, self.attn(self.norm1(x)), attn_keep)
+        return residual(x, self.mlp(self.norm2(x)), mlp_keep)
+
     def __call__(self, x, drop_key, drop_rate, *, videos: int, time_tokens: int,
                  use_drop_path: bool):
-        def norm(name):
-            return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, param_dtype=jnp.float32,
-                                name=name)
+        # The drop-path masks of every row are drawn here, whatever the grouping.
+        masks = (tuple(drop_path_mask(k, drop_rate, x.shape) for k in jax.random.split(drop_key))
+                 if use_drop_path else ())
+        rate = (drop_rate,) if use_drop_path else ()
+        groups = row_groups(x.shape[0], self.chunk_group)
+        if groups == 1 or self.is_initializing():
+            x = self.mix(x, *masks, *rate)
+        else:
+            mix_params = {k: v for k, v in self.variables["params"].items() if k != "adapter"}
+            bare = self.clone(parent=None, chunk_group=0, adapter_ratio=None)
 
-        def residual(x, y, key):
-            return x + (drop_path(y, key, drop_rate) if use_drop_path else y)
+            def mix(rows, *row_masks):
+                return bare.apply({"params": mix_params}, rows, *row_masks, *rate,
+                                  method=Block.mix)
 
-        keys = jax.random.split(drop_key) if use_drop_path else (None, None)
-        y = Attention(self.embed_dim, self.num_heads, self.dtype, self.attention_impl,
-                      self.lora_rank, name="attn")(norm("norm1")(x))
-        x = residual(x, y, keys[0])
-        y = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
-        x = residual(x, y, keys[1])
+            policy = "full" if self.remat_policy == "none" else self.remat_policy
+            x = map_row_groups(remat(mix, policy, prevent_cse=False), (x, *masks), groups)
         if self.adapter_ratio is not None:
-            x = TemporalInformativeAdapter(self.embed_dim, self.adapter_ratio,
-                                           chunk_local=self.adapter_chunk_local, dtype=self.dtype,
-                                           name="adapter")(x, videos=videos, time_tokens=time_tokens)
+            x = self.adapter(x, videos=videos, time_tokens=time_tokens)
         return x
 
 
@@ -268,6 +336,11 @@ class VisionTransformer(nn.Module):
         a block-dropped parameter tree (tadjax.surgery.drop_blocks) loads into a model with the
         same `depth` and the kept indices here.
       lora_rank: rank of the LoRA branches on attn/qkv and attn/proj (0: none).
+      chunk_group: > 0: each block computes attention + MLP for at most this many chunk rows
+        (of all videos of the batch, over all devices) at a time, then its TIA over the whole
+        sequence (see Block); 0: all rows at once. On a mesh that splits the rows (snippet or
+        batch axes over D devices), rows / chunk_group groups of chunk_group rows, chunk_group a
+        multiple of D, keep every device busy in every group.
     """
 
     embed_dim: int
@@ -289,6 +362,7 @@ class VisionTransformer(nn.Module):
     attention_impl: str | None = None
     block_indices: Sequence[int] | None = None
     lora_rank: int = 0
+    chunk_group: int = 0
 
     def __post_init__(self):
         # A list from a config becomes a tuple so the module stays hashable (jit static args).
@@ -332,7 +406,8 @@ class VisionTransformer(nn.Module):
         return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                     adapter_ratio=self.adapter_ratio if with_adapter else None,
                     adapter_chunk_local=self.adapter_chunk_local, dtype=self.dtype,
-                    attention_impl=self.attention_impl, lora_rank=self.lora_rank)
+                    attention_impl=self.attention_impl, lora_rank=self.lora_rank,
+                    chunk_group=self.chunk_group, remat_policy=self.remat_policy)
 
     def setup(self):
         self._adapter_indices()  # validates adapter_mode and adapter_blocks

@@ -92,20 +92,24 @@ def train_step_flops(config, abstract_state, batch, tx, run) -> float:
     """FLOPs of one training step from XLA's cost analysis of the lowered (unoptimised) HLO.
 
     XLA's cost analysis counts a while loop's body once, not once per iteration, so a scanned
-    backbone would be under-counted by its depth: FLOPs are taken from the same step with the
-    blocks unrolled (the arithmetic is identical; remat recomputation is included either way).
-    Lowering is cheap: nothing is compiled or allocated.
+    backbone (or chunk-grouped blocks, a `lax.map`) would be under-counted by its depth: FLOPs are
+    taken from the same step with the blocks unrolled and ungrouped (the arithmetic is the same,
+    except that chunk grouping recomputes each group's forward once more in the backward pass:
+    see VisionTransformer.chunk_group). Lowering is cheap: nothing is compiled or allocated.
     """
     from tadjax.train import state as state_lib
     from tadjax.train.trainer import Run
-    if config.model.backbone.get("scan_blocks", False):
+    backbone = config.model.backbone
+    saved = {k: backbone.get(k) for k in ("scan_blocks", "chunk_group") if backbone.get(k)}
+    if saved:
         with config.unlocked():
-            config.model.backbone.scan_blocks = False
+            for k in saved:
+                backbone[k] = type(saved[k])(0)
         try:
             run = Run(config, None, with_data=False)
         finally:
             with config.unlocked():
-                config.model.backbone.scan_blocks = True
+                backbone.update(saved)
     step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
     cost = step.lower(abstract_state, batch).cost_analysis()
     if isinstance(cost, (list, tuple)):

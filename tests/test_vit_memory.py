@@ -1,0 +1,86 @@
+"""Memory options of the ViT backbone: chunk-grouped blocks give the values and gradients of the
+ungrouped ones and hold less in XLA's compiled temporaries."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from test_vit import FAST, frames, random_params, run, tiny  # noqa: E402
+
+from tadjax import tree  # noqa: E402
+from tadjax.models import vit  # noqa: E402
+
+
+@pytest.mark.parametrize("rows,group,expected", [
+    (12, 0, 1), (12, 12, 1), (12, 20, 1), (12, 4, 3), (12, 5, 3), (12, 1, 12), (7, 3, 7),
+    (96, 8, 12)])
+def test_row_groups(rows, group, expected):
+    assert vit.row_groups(rows, group) == expected
+
+
+def test_map_row_groups_interleaves_rows():
+    x = jnp.arange(12.0).reshape(6, 2)
+    seen = []
+
+    def fn(rows):
+        seen.append(rows.shape)
+        return rows * 10 + jnp.arange(2.0)
+
+    np.testing.assert_array_equal(vit.map_row_groups(fn, (x,), 3), x * 10 + jnp.arange(2.0))
+    assert seen == [(2, 2)]  # traced once, on groups of 6 / 3 rows
+    # Group j holds rows j, j + 3: the first group sees rows 0 and 3.
+    first = vit.map_row_groups(lambda r: jnp.broadcast_to(r[:1], r.shape), (x,), 3)
+    np.testing.assert_array_equal(first, np.asarray(x)[[0, 1, 2, 0, 1, 2]])
+
+
+@pytest.mark.parametrize("mode,blocks,policy,scan", [
+    ("adapter", [1, 2], "full", True), ("adapter_full", "all", "dots", False),
+    ("side", [1], "none", True)])
+def test_chunk_group_matches_ungrouped_values_and_gradients(mode, blocks, policy, scan):
+    """3 videos x 2 chunks = 6 rows in groups of 2 (and of 4 -> 3 groups of 2 too: 6 = 3 x 2)."""
+    base = tiny(depth=3, adapter_mode=mode, adapter_blocks=blocks, drop_path_rate=0.3,
+                remat_policy=policy, scan_blocks=scan)
+    x = frames((3, 32, 16, 16, 3))
+    params = random_params(base, x)
+    rngs = {"dropout": jax.random.key(3)}
+
+    def value_and_grad(model):
+        def loss(p):
+            y = model.apply({"params": p}, x, train=True, rngs=rngs)
+            return jnp.sum(jnp.sin(y)), y
+        return run(jax.value_and_grad(loss, has_aux=True), params)
+
+    (_, y0), g0 = value_and_grad(base)
+    (_, y1), g1 = value_and_grad(base.clone(chunk_group=2))
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=0)
+    g1 = tree.flatten(g1)
+    nonzero = 0
+    for name, a in tree.flatten(g0).items():
+        np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(a), atol=1e-5, rtol=1e-5,
+                                   err_msg=name)
+        nonzero += bool(np.any(np.asarray(a) != 0))
+    assert nonzero > 0
+
+
+def grad_temp_bytes(model, x, params) -> int:
+    def loss(p, x):
+        return jnp.sum(model.apply({"params": p}, x, train=False) ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params, x).compile(compiler_options=FAST)
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def test_chunk_group_lowers_compiled_temporaries():
+    """8 chunk rows of 512 tokens: the attention scores of all rows dominate the ungrouped
+    block's temporaries; grouped by 2 rows they exist for a quarter of the rows at a time."""
+    model = tiny(depth=2, patch_size=4, remat_policy="full", scan_blocks=True)
+    x = jax.ShapeDtypeStruct((2, 64, 32, 32, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    whole = grad_temp_bytes(model, x, params)
+    grouped = grad_temp_bytes(model.clone(chunk_group=2), x, params)
+    scores = 8 * 2 * 512 * 512 * 4  # rows x heads x tokens^2 x float32
+    # Grouping saves more than the scores of every row take.
+    assert whole - grouped > scores, (whole, grouped, scores)
