@@ -84,3 +84,27 @@ def test_chunk_group_lowers_compiled_temporaries():
     scores = 8 * 2 * 512 * 512 * 4  # rows x heads x tokens^2 x float32
     # Grouping saves more than the scores of every row take.
     assert whole - grouped > scores, (whole, grouped, scores)
+
+
+def test_blocks_before_the_first_adapter_keep_no_residuals():
+    """Frozen blocks in front of the first TIA need no backward pass: two more of them add
+    less to the compiled temporaries of the adapter gradient than one block input takes."""
+    x = jax.ShapeDtypeStruct((1, 64, 32, 32, 3), jnp.float32)
+    block_input = 4 * 512 * 32 * 4  # rows x tokens x C x float32
+
+    def temp_bytes(depth):
+        model = tiny(depth=depth, patch_size=4, adapter_mode="adapter", adapter_blocks=[depth - 1],
+                     remat_policy="full", scan_blocks=True)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+        def loss(adapter, frozen, x):
+            p = dict(frozen, **{f"blocks_{depth - 1}": dict(frozen[f"blocks_{depth - 1}"],
+                                                            adapter=adapter)})
+            return jnp.sum(model.apply({"params": p}, x) ** 2)
+
+        adapter = params[f"blocks_{depth - 1}"]["adapter"]
+        compiled = jax.jit(jax.grad(loss)).lower(adapter, params, x).compile(compiler_options=FAST)
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    shallow, deep = temp_bytes(2), temp_bytes(4)
+    assert deep - shallow < block_input, (shallow, deep, block_input)
