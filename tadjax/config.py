@@ -29,8 +29,8 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
                  adapter_blocks="all", drop_path_rate: float = 0.1,
                  init_loss_norm: float = 100.0, label_smoothing: float = 0.0,
                  loss_weight: float = 1.0, remat_policy: str = "full",
-                 scan_blocks: bool = True, chunk_group: int = 0, backbone_overrides=None,
-                 head_overrides=None):
+                 scan_blocks: bool = True, chunk_group: int = 0, remat_input_dtype: str = "",
+                 backbone_overrides=None, head_overrides=None):
     m = ml_collections.ConfigDict()
     m.dtype = "float32"
     m.backbone = ml_collections.ConfigDict({**dict(
@@ -40,6 +40,9 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
         # Chunk rows (of the whole batch) whose attention + MLP a block computes at a time
         # (0: all at once); a memory option, the values do not change (VisionTransformer).
         chunk_group=chunk_group,
+        # "" or e.g. "bfloat16": dtype of the block inputs kept for the backward pass (remat
+        # "full" only; bfloat16 halves that memory, gradients then carry bfloat16 rounding).
+        remat_input_dtype=remat_input_dtype,
         # TIA temporal conv confined to each 16-frame chunk (needed by sampled-gradient training).
         adapter_chunk_local=False), **(backbone_overrides or {})})
     m.head = ml_collections.ConfigDict({**dict(
@@ -170,9 +173,13 @@ def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str
         train_short_side=int(round(img_size * 182 / 160)) if img_size == 160 else 256,
         eval_short_side=img_size, batch_size=2)
     g_half = size == "g" and img_size == 224
+    # Attention + MLP of 8 chunk rows at a time (of the 96 or 192 rows of a batch of 2; on an
+    # 8-device snippet mesh, one row per device). ViT-g at 224 px keeps its block inputs for the
+    # backward pass in bfloat16: in float32 those of blocks 20-39 alone take 44 GB.
     c.model = model_config(
         variant=size, num_classes=20, channels=512,
-        adapter_blocks=tuple(range(20, 40)) if g_half else "all", init_loss_norm=100.0)
+        adapter_blocks=tuple(range(20, 40)) if g_half else "all", init_loss_norm=100.0,
+        chunk_group=8, remat_input_dtype="bfloat16" if g_half else "")
     c.train = train_config(epochs=100, end_epoch=50 if g_half else 60,
                            warmup_epochs=5, adapter_lr=ADAPTER_LR[size], head_lr=1e-4)
     if g_half:

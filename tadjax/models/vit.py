@@ -45,7 +45,7 @@ import numpy as np
 
 from tadjax.models.adapters import ADAPTER_MODES, TemporalInformativeAdapter, trunc_normal
 from tadjax.models.lora import LoRADense
-from tadjax.models.remat import REMAT_POLICIES, remat
+from tadjax.models.remat import REMAT_POLICIES, remat, remat_narrow_input
 
 # Spec §2.1. head_dim = embed_dim / num_heads (64, 64, 64, 80, 88).
 VARIANTS = {
@@ -341,6 +341,10 @@ class VisionTransformer(nn.Module):
         sequence (see Block); 0: all rows at once. On a mesh that splits the rows (snippet or
         batch axes over D devices), rows / chunk_group groups of chunk_group rows, chunk_group a
         multiple of D, keep every device busy in every group.
+      remat_input_dtype: None / "": with remat_policy "full", each block keeps its input for the
+        backward pass as it is (float32); e.g. "bfloat16": keeps it in bfloat16 (half the
+        memory; the backward pass recomputes the block from the rounded input, so gradients
+        carry a relative error ~ 2^-8; the forward values are unchanged).
     """
 
     embed_dim: int
@@ -363,6 +367,7 @@ class VisionTransformer(nn.Module):
     block_indices: Sequence[int] | None = None
     lora_rank: int = 0
     chunk_group: int = 0
+    remat_input_dtype: Any = None
 
     def __post_init__(self):
         # A list from a config becomes a tuple so the module stays hashable (jit static args).
@@ -413,6 +418,10 @@ class VisionTransformer(nn.Module):
         self._adapter_indices()  # validates adapter_mode and adapter_blocks
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.remat_input_dtype and self.remat_policy != "full":
+            raise ValueError(f"remat_input_dtype={self.remat_input_dtype!r} needs remat_policy "
+                             f"'full' (the block recomputed from its input), got "
+                             f"{self.remat_policy!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.chunk_frames % self.tubelet:
@@ -529,7 +538,11 @@ class VisionTransformer(nn.Module):
             def block_fn(p, h, key, rate, block=block):
                 return block.apply({"params": p}, h, key, rate, **call_kw)
 
-            block_fn = remat(block_fn, self.remat_policy, prevent_cse=not self.scan_blocks)
+            if self.remat_input_dtype:
+                block_fn = remat_narrow_input(block_fn, jnp.dtype(self.remat_input_dtype),
+                                              grad_keys=self._block_grad_keys())
+            else:
+                block_fn = remat(block_fn, self.remat_policy, prevent_cse=not self.scan_blocks)
             if self.scan_blocks:
                 stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[i] for i in indices])
                 sel = np.asarray(indices)
@@ -554,6 +567,12 @@ class VisionTransformer(nn.Module):
                     if collect:
                         outputs[str(i)] = x
         return x, taps, outputs
+
+    def _block_grad_keys(self) -> tuple[str, ...] | None:
+        """Entries of a block's parameters that get gradients (None: all), as _block_params."""
+        if self.adapter_mode in ("full", "none", "adapter_full"):
+            return None
+        return ("adapter",) if self.adapter_mode == "adapter" else ()
 
     def _block_params(self, i: int):
         """Parameters of block i, with stop_gradient on whatever the mode keeps frozen."""
