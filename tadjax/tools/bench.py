@@ -3,6 +3,7 @@
   python -m tadjax.tools.bench step --config configs/adatad_thumos_s.py [--frames 256]
          [--dtype float32|bfloat16] [--steps 3] [--json]
       median wall time of a training step on random input, and the process's peak memory
+      (overall, compilation included, and during the timed steps only)
   python -m tadjax.tools.bench loader [--json]     loader throughput (frames/s at 160 px)
   python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
   python -m tadjax.tools.bench blockdrop --config configs/adatad_thumos_s.py --drop 3 [--json]
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -23,7 +25,37 @@ import time
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss; on Linux reset_peak_rss restarts it too)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart Linux's resident-memory high-water mark (VmHWM) from the current RSS, after
+    handing the C heap's free memory (e.g. what compilation used) back to the system.
+    False where /proc/self/clear_refs cannot be written (not Linux, or not allowed)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes_since_reset() -> int:
+    """VmHWM of /proc/self/status (the peak since the last reset_peak_rss), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
 
 
 def load_config(path: str, overrides: list[str]):
@@ -78,6 +110,9 @@ def bench_step(args, overrides) -> dict:
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     first = time.time() - t0
+    peak_overall = peak_rss_bytes()
+    # The peak of the timed steps alone (compilation and the first step's allocations excluded).
+    reset = reset_peak_rss()
     times = []
     for _ in range(args.steps):
         t0 = time.time()
@@ -88,7 +123,11 @@ def bench_step(args, overrides) -> dict:
             "img_size": frames_shape[2], "batch_size": b, "dtype": config.model.dtype,
             "remat_policy": config.model.backbone.remat_policy,
             "step_seconds": statistics.median(times), "step_seconds_all": times,
-            "first_step_seconds": first, "peak_rss_bytes": peak_rss_bytes(),
+            "chunk_group": int(config.model.backbone.get("chunk_group", 0) or 0),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "first_step_seconds": first,
+            "peak_rss_bytes": max(peak_overall, peak_rss_bytes()),
+            "peak_rss_bytes_steps": peak_rss_bytes_since_reset() if reset else None,
             "loss": float(metrics["loss"])}
 
 
