@@ -37,12 +37,15 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
         variant=variant, drop_path_rate=drop_path_rate, adapter_mode=adapter_mode,
         adapter_blocks=adapter_blocks, adapter_ratio=0.25, remat_policy=remat_policy,
         scan_blocks=scan_blocks,
-        # Chunk rows (of the whole batch) whose attention + MLP a block computes at a time
-        # (0: all at once); a memory option, the values do not change (VisionTransformer).
+        # Chunk rows per device whose attention + MLP a block computes at a time (0: all at
+        # once); a memory option, the values do not change (VisionTransformer).
         chunk_group=chunk_group,
         # "" or e.g. "bfloat16": dtype of the block inputs kept for the backward pass (remat
         # "full" only; bfloat16 halves that memory, gradients then carry bfloat16 rounding).
         remat_input_dtype=remat_input_dtype,
+        # Mesh axes of the backbone's chunk rows (batch axes, then the snippet axis, as
+        # mesh_config names them), applied while the step is traced under jax.set_mesh.
+        row_axes=("data", "fsdp", "snippet"),
         # TIA temporal conv confined to each 16-frame chunk (needed by sampled-gradient training).
         adapter_chunk_local=False), **(backbone_overrides or {})})
     m.head = ml_collections.ConfigDict({**dict(
@@ -173,17 +176,20 @@ def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str
         train_short_side=int(round(img_size * 182 / 160)) if img_size == 160 else 256,
         eval_short_side=img_size, batch_size=2)
     g_half = size == "g" and img_size == 224
-    # Attention + MLP of 8 chunk rows at a time (of the 96 or 192 rows of a batch of 2; on an
-    # 8-device snippet mesh, one row per device). ViT-g at 224 px keeps its block inputs for the
-    # backward pass in bfloat16: in float32 those of blocks 20-39 alone take 44 GB.
+    # Attention + MLP of 2 chunk rows per device at a time (1 for ViT-g, whose attention scores
+    # take 268 MB per row at 224 px). ViT-g at 224 px keeps its block inputs for the backward
+    # pass in bfloat16: in float32 those of blocks 20-39 alone take 44 GB.
     c.model = model_config(
         variant=size, num_classes=20, channels=512,
         adapter_blocks=tuple(range(20, 40)) if g_half else "all", init_loss_norm=100.0,
-        chunk_group=8, remat_input_dtype="bfloat16" if g_half else "")
+        chunk_group=1 if size == "g" else 2, remat_input_dtype="bfloat16" if g_half else "")
     c.train = train_config(epochs=100, end_epoch=50 if g_half else 60,
                            warmup_epochs=5, adapter_lr=ADAPTER_LR[size], head_lr=1e-4)
     if g_half:
         c.train.eval_start_epoch = 36
+        # One video per device and micro-step (2 accumulated micro-steps for the batch of 2):
+        # half the activations, 31 GB instead of 50 GB compiled peak on one device.
+        c.train.per_device_batch = 1
     c.eval = eval_config(tious="thumos14")
     c.eval.batch_size = 1
     # Batch 2 of long videos: devices split the chunks of each video, not the batch.

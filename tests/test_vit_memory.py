@@ -22,7 +22,7 @@ def test_row_groups(rows, group, expected):
     assert vit.row_groups(rows, group) == expected
 
 
-def test_map_row_groups_interleaves_rows():
+def test_map_row_groups_takes_contiguous_rows_on_one_device():
     x = jnp.arange(12.0).reshape(6, 2)
     seen = []
 
@@ -32,9 +32,9 @@ def test_map_row_groups_interleaves_rows():
 
     np.testing.assert_array_equal(vit.map_row_groups(fn, (x,), 3), x * 10 + jnp.arange(2.0))
     assert seen == [(2, 2)]  # traced once, on groups of 6 / 3 rows
-    # Group j holds rows j, j + 3: the first group sees rows 0 and 3.
+    # Group j holds rows 2j, 2j + 1: each group repeats its first row.
     first = vit.map_row_groups(lambda r: jnp.broadcast_to(r[:1], r.shape), (x,), 3)
-    np.testing.assert_array_equal(first, np.asarray(x)[[0, 1, 2, 0, 1, 2]])
+    np.testing.assert_array_equal(first, np.asarray(x)[[0, 0, 2, 2, 4, 4]])
 
 
 @pytest.mark.parametrize("mode,blocks,policy,scan", [
@@ -157,3 +157,15 @@ def test_remat_input_dtype_halves_the_kept_block_inputs():
     block_input = 8 * 512 * 32 * 4  # rows x tokens x C x float32
     # Four block inputs, half of each saved.
     assert kept - narrow >= 4 * block_input // 2, (kept, narrow, block_input)
+
+
+def test_map_row_groups_takes_the_same_rows_from_every_device(monkeypatch):
+    """12 rows on 2 devices (rows 0-5 and 6-11), 3 groups: group j holds rows 2j, 2j + 1 of
+    each device's block."""
+    monkeypatch.setattr(vit, "row_split", lambda axes, rows: 2)
+    monkeypatch.setattr(vit, "constrain_rows", lambda x, axes, dim=0: x)
+    x = np.arange(12.0)[:, None]
+    first = vit.map_row_groups(lambda r: jnp.broadcast_to(r[:1], r.shape), (jnp.asarray(x),), 3,
+                               ("snippet",))
+    np.testing.assert_array_equal(np.asarray(first)[:, 0], [0, 0, 2, 2, 4, 4, 0, 0, 2, 2, 4, 4])
+    np.testing.assert_array_equal(vit.map_row_groups(lambda r: r * 2, (jnp.asarray(x),), 3), 2 * x)

@@ -206,6 +206,32 @@ class Mlp(nn.Module):
                         name="fc2")(y)
 
 
+def row_split(axes: Sequence[str], rows: int) -> int:
+    """Devices the chunk rows are split over: the product of the `axes` sizes of the mesh set by
+    `jax.set_mesh` when it holds them all and they divide `rows`; 1 otherwise."""
+    if not axes:
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(axes) <= set(mesh.axis_names):
+        return 1
+    size = int(np.prod([mesh.shape[a] for a in axes]))
+    return size if rows % size == 0 else 1
+
+
+def constrain_rows(x: jax.Array, axes: Sequence[str], dim: int = 0) -> jax.Array:
+    """x with dimension `dim` (chunk rows) split over the mesh `axes` (see row_split); x
+    unchanged where row_split is 1.
+
+    Without it XLA's sharding propagation may follow the FSDP-split weights instead (split the
+    channels, and gather the frames and every row onto every device).
+    """
+    if row_split(axes, x.shape[dim]) == 1:
+        return x
+    spec = [None] * x.ndim
+    spec[dim] = tuple(axes)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def row_groups(rows: int, group: int) -> int:
     """How many groups `map_row_groups` splits `rows` rows into for groups of at most `group`
     rows: the smallest divisor n of rows with rows / n <= group (1 when group <= 0)."""
@@ -214,24 +240,32 @@ def row_groups(rows: int, group: int) -> int:
     return next(n for n in range(1, rows + 1) if rows % n == 0 and rows // n <= group)
 
 
-def map_row_groups(fn, args: tuple, groups: int):
+def map_row_groups(fn, args: tuple, groups: int, row_axes: Sequence[str] = ()):
     """fn(*args) computed one group of rows (axis 0) at a time, for a row-local fn.
 
-    Group j holds rows j, j + groups, j + 2·groups, ... (interleaved, not contiguous): when axis 0
-    is split over devices (the chunks of a video over the "snippet" axis), every group then takes
-    the same number of rows from every device and no rows move between devices. `lax.map` runs
-    the groups one after another, so the temporaries of fn (the attention scores) exist for one
-    group only.
+    The rows are split over D devices (row_split(row_axes)), D contiguous blocks of rows / D;
+    group j takes the j-th run of rows / (D·groups) rows from every device's block, so no rows
+    move between devices, and on one device a group is a contiguous run of rows (no copy: the
+    regrouping is a reshape). `lax.map` runs the groups one after another, so the temporaries
+    of fn (the attention scores) exist for one group only.
     """
     if groups == 1:
         return fn(*args)
     rows = args[0].shape[0]
+    devices = row_split(row_axes, rows)
+    size = rows // (devices * groups)
 
-    def split(a):  # [rows, ...] -> [groups, rows / groups, ...]
-        return jnp.swapaxes(a.reshape((rows // groups, groups) + a.shape[1:]), 0, 1)
+    def split(a):  # [rows, ...] -> [groups, devices·size, ...]
+        a = jnp.swapaxes(a.reshape((devices, groups, size) + a.shape[1:]), 0, 1)
+        return constrain_rows(a.reshape((groups, devices * size) + a.shape[3:]), row_axes, dim=1)
 
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in args))
-    return jnp.swapaxes(out, 0, 1).reshape((rows,) + out.shape[2:])
+    def one_group(xs):
+        return constrain_rows(fn(*(constrain_rows(a, row_axes) for a in xs)), row_axes)
+
+    out = jax.lax.map(one_group, tuple(split(a) for a in args))
+    out = out.reshape((groups, devices, size) + out.shape[2:])
+    out = jnp.swapaxes(out, 0, 1).reshape((rows,) + out.shape[3:])
+    return constrain_rows(out, row_axes)
 
 
 class Block(nn.Module):
@@ -242,8 +276,8 @@ class Block(nn.Module):
     the same masks.
 
     `chunk_group` > 0 computes attention + MLP (which are local to each chunk row) for at most
-    that many rows at a time (`map_row_groups`), each group under `jax.checkpoint` with
-    `remat_policy` ("full" when it is "none"), so that neither the forward nor the backward pass
+    that many rows per device at a time (`map_row_groups`; devices: `row_split`), each group
+    under `jax.checkpoint` with `remat_policy` ("full" when it is "none"), so that neither the forward nor the backward pass
     holds more than one group's attention scores; the TIA, which mixes chunks, then runs over
     the whole sequence. The values are those of the ungrouped block.
     """
@@ -258,6 +292,7 @@ class Block(nn.Module):
     lora_rank: int = 0
     chunk_group: int = 0
     remat_policy: str = "none"
+    row_axes: tuple[str, ...] = ()
 
     def setup(self):
         def norm():
@@ -284,11 +319,13 @@ class Block(nn.Module):
 
     def __call__(self, x, drop_key, drop_rate, *, videos: int, time_tokens: int,
                  use_drop_path: bool):
+        x = constrain_rows(x, self.row_axes)
         # The drop-path masks of every row are drawn here, whatever the grouping.
         masks = (tuple(drop_path_mask(k, drop_rate, x.shape) for k in jax.random.split(drop_key))
                  if use_drop_path else ())
         rate = (drop_rate,) if use_drop_path else ()
-        groups = row_groups(x.shape[0], self.chunk_group)
+        # chunk_group rows per device: as many groups as one device's share needs.
+        groups = row_groups(x.shape[0] // row_split(self.row_axes, x.shape[0]), self.chunk_group)
         if groups == 1 or self.is_initializing():
             x = self.mix(x, *masks, *rate)
         else:
@@ -300,9 +337,12 @@ class Block(nn.Module):
                                   method=Block.mix)
 
             policy = "full" if self.remat_policy == "none" else self.remat_policy
-            x = map_row_groups(remat(mix, policy, prevent_cse=False), (x, *masks), groups)
+            x = map_row_groups(remat(mix, policy, prevent_cse=False), (x, *masks), groups,
+                               self.row_axes)
+        x = constrain_rows(x, self.row_axes)
         if self.adapter_ratio is not None:
-            x = self.adapter(x, videos=videos, time_tokens=time_tokens)
+            x = constrain_rows(self.adapter(x, videos=videos, time_tokens=time_tokens),
+                               self.row_axes)
         return x
 
 
@@ -337,14 +377,18 @@ class VisionTransformer(nn.Module):
         same `depth` and the kept indices here.
       lora_rank: rank of the LoRA branches on attn/qkv and attn/proj (0: none).
       chunk_group: > 0: each block computes attention + MLP for at most this many chunk rows
-        (of all videos of the batch, over all devices) at a time, then its TIA over the whole
-        sequence (see Block); 0: all rows at once. On a mesh that splits the rows (snippet or
-        batch axes over D devices), rows / chunk_group groups of chunk_group rows, chunk_group a
-        multiple of D, keep every device busy in every group.
+        per device at a time, then its TIA over the whole sequence (see Block); 0: all rows at
+        once. The rows are those of every video of the batch; the devices are those of
+        `row_axes` in the mesh set with `jax.set_mesh` (1 without), so that with D devices a
+        group takes chunk_group rows from each.
       remat_input_dtype: None / "": with remat_policy "full", each block keeps its input for the
         backward pass as it is (float32); e.g. "bfloat16": keeps it in bfloat16 (half the
         memory; the backward pass recomputes the block from the rounded input, so gradients
         carry a relative error ~ 2^-8; the forward values are unchanged).
+      row_axes: mesh axes the chunk rows (axis 0 of [videos·K, tokens, C], video-major) are
+        split over, e.g. ("data", "fsdp", "snippet") for a batch split over data x fsdp and
+        each video's chunks over snippet; applied (constrain_rows) only while a mesh holding
+        these axes is set with `jax.set_mesh`, and a no-op otherwise.
     """
 
     embed_dim: int
@@ -368,11 +412,14 @@ class VisionTransformer(nn.Module):
     lora_rank: int = 0
     chunk_group: int = 0
     remat_input_dtype: Any = None
+    row_axes: Sequence[str] = ()
 
     def __post_init__(self):
         # A list from a config becomes a tuple so the module stays hashable (jit static args).
         if not isinstance(self.adapter_blocks, (str, tuple)):
             object.__setattr__(self, "adapter_blocks", tuple(self.adapter_blocks))
+        if not isinstance(self.row_axes, tuple):
+            object.__setattr__(self, "row_axes", tuple(self.row_axes))
         if self.block_indices is not None and not isinstance(self.block_indices, tuple):
             object.__setattr__(self, "block_indices", tuple(int(i) for i in self.block_indices))
         super().__post_init__()
@@ -412,7 +459,8 @@ class VisionTransformer(nn.Module):
                     adapter_ratio=self.adapter_ratio if with_adapter else None,
                     adapter_chunk_local=self.adapter_chunk_local, dtype=self.dtype,
                     attention_impl=self.attention_impl, lora_rank=self.lora_rank,
-                    chunk_group=self.chunk_group, remat_policy=self.remat_policy)
+                    chunk_group=self.chunk_group, remat_policy=self.remat_policy,
+                    row_axes=self.row_axes)
 
     def setup(self):
         self._adapter_indices()  # validates adapter_mode and adapter_blocks
@@ -462,10 +510,11 @@ class VisionTransformer(nn.Module):
                              f"{self.patch_size}-px patch")
         chunks = num_frames // self.chunk_frames
         x = frames.reshape(videos * chunks, self.chunk_frames, height, width, 3)
-        x = self.patch_embed(x)  # [B·K, t, h, w, C]; VALID drops remainder pixels
+        x = self.patch_embed(constrain_rows(x, self.row_axes))  # [B·K, t, h, w, C]; VALID drops remainder pixels
         _, time_tokens, h, w, dim = x.shape
         pos = position_table(dim, time_tokens, self.pretrain_img_size // self.patch_size, (h, w))
         x = x.astype(jnp.float32).reshape(videos * chunks, time_tokens * h * w, dim) + pos
+        x = constrain_rows(x, self.row_axes)
         if self.adapter_mode in ("adapter", "frozen", "side"):
             x = jax.lax.stop_gradient(x)
 

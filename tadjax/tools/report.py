@@ -45,6 +45,7 @@ def _count(tree, mask=None):
 
 def report(config, *, compile_step: bool = True, batch_size: int | None = None,
            mesh: str | None = None) -> dict:
+    import jax
     from tadjax.train.trainer import Run
 
     if mesh:
@@ -75,7 +76,9 @@ def report(config, *, compile_step: bool = True, batch_size: int | None = None,
         frames_shape = batch["frames"].shape
         step = run.make_train_step(tx)
         t0 = time.time()
-        compiled = step.lower(abstract_state, batch).compile()
+        # Traced under the mesh, so that the backbone's row_axes constraints apply.
+        with jax.set_mesh(run.mesh):
+            compiled = step.lower(abstract_state, batch).compile()
         out["compile_seconds"] = time.time() - t0
         out["train_step_flops"] = train_step_flops(config, abstract_state, batch, tx, run)
         out["batch_size"] = b
