@@ -1,6 +1,8 @@
 """Memory options of the ViT backbone: chunk-grouped blocks give the values and gradients of the
 ungrouped ones and hold less in XLA's compiled temporaries."""
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -169,3 +171,49 @@ def test_map_row_groups_takes_the_same_rows_from_every_device(monkeypatch):
                                ("snippet",))
     np.testing.assert_array_equal(np.asarray(first)[:, 0], [0, 0, 2, 2, 4, 4, 0, 0, 2, 2, 4, 4])
     np.testing.assert_array_equal(vit.map_row_groups(lambda r: r * 2, (jnp.asarray(x),), 3), 2 * x)
+
+
+ROWS_ON_FOUR_DEVICES = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tadjax.models import vit
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+model = vit.VisionTransformer(embed_dim=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                              pretrain_img_size=32, remat_policy="full", scan_blocks=True)
+x = jax.random.normal(jax.random.key(0), (2, 64, 16, 16, 3))  # 2 videos x 4 chunks = 8 rows
+params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+leaves, tree = jax.tree.flatten(params)
+params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(jax.random.key(i), s.shape)
+                                   for i, s in enumerate(leaves)])
+
+def loss(m):
+    return lambda p, x: jnp.sum(jnp.sin(m.apply({"params": p}, x)))
+
+def grads(m, p, x):
+    return jax.jit(jax.value_and_grad(loss(m))).lower(p, x).compile(compiler_options=FAST)(p, x)
+
+v0, g0 = grads(model, params, x)
+mesh = jax.make_mesh((2, 2), ("data", "snippet"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+split = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+    mesh, P(*(["snippet"] + [None] * (a.ndim - 1)) if a.ndim and a.shape[0] % 2 == 0 else P()))), params)
+xs = jax.device_put(x, NamedSharding(mesh, P("data", "snippet")))
+grouped = model.clone(chunk_group=1, row_axes=("data", "snippet"))
+with jax.set_mesh(mesh):
+    assert vit.row_split(("data", "snippet"), 8) == 4
+    v1, g1 = grads(grouped, split, xs)
+np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # sums over devices: other order
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * np.abs(b).max(), rtol=0)
+print("ok")
+"""
+
+
+def test_rows_split_over_a_mesh_give_the_same_values_and_gradients():
+    """4 CPU devices (2 data x 2 snippet), weights split, chunk rows constrained, groups of one
+    row per device: the loss and gradients of one device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", ROWS_ON_FOUR_DEVICES], env=env,
+                          cwd=pathlib.Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
