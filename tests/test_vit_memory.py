@@ -164,7 +164,7 @@ def test_remat_input_dtype_halves_the_kept_block_inputs():
 def test_map_row_groups_takes_the_same_rows_from_every_device(monkeypatch):
     """12 rows on 2 devices (rows 0-5 and 6-11), 3 groups: group j holds rows 2j, 2j + 1 of
     each device's block."""
-    monkeypatch.setattr(vit, "row_split", lambda axes, rows: 2)
+    monkeypatch.setattr(vit, "row_devices", lambda axes, rows: 2)
     monkeypatch.setattr(vit, "constrain_rows", lambda x, axes, dim=0: x)
     x = np.arange(12.0)[:, None]
     first = vit.map_row_groups(lambda r: jnp.broadcast_to(r[:1], r.shape), (jnp.asarray(x),), 3,
@@ -199,7 +199,7 @@ split = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
 xs = jax.device_put(x, NamedSharding(mesh, P("data", "snippet")))
 grouped = model.clone(chunk_group=1, row_axes=("data", "snippet"))
 with jax.set_mesh(mesh):
-    assert vit.row_split(("data", "snippet"), 8) == 4
+    assert vit.row_split(("data", "snippet"), 8) == vit.row_devices(("data", "snippet"), 8) == 4
     v1, g1 = grads(grouped, split, xs)
 np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
 for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # sums over devices: other order

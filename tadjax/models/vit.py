@@ -218,6 +218,16 @@ def row_split(axes: Sequence[str], rows: int) -> int:
     return size if rows % size == 0 else 1
 
 
+def row_devices(axes: Sequence[str], rows: int) -> int:
+    """Devices the chunk rows are taken to be split over when grouping them: row_split under a
+    mesh; without one (a step traced outside `jax.set_mesh`), every device of the process when
+    they divide the rows (the configs' meshes split the rows over all devices), else 1."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        return row_split(axes, rows)
+    count = jax.device_count()
+    return count if axes and rows % count == 0 else 1
+
+
 def constrain_rows(x: jax.Array, axes: Sequence[str], dim: int = 0) -> jax.Array:
     """x with dimension `dim` (chunk rows) split over the mesh `axes` (see row_split); x
     unchanged where row_split is 1.
@@ -243,7 +253,7 @@ def row_groups(rows: int, group: int) -> int:
 def map_row_groups(fn, args: tuple, groups: int, row_axes: Sequence[str] = ()):
     """fn(*args) computed one group of rows (axis 0) at a time, for a row-local fn.
 
-    The rows are split over D devices (row_split(row_axes)), D contiguous blocks of rows / D;
+    The rows are split over D devices (row_devices(row_axes)), D contiguous blocks of rows / D;
     group j takes the j-th run of rows / (D·groups) rows from every device's block, so no rows
     move between devices, and on one device a group is a contiguous run of rows (no copy: the
     regrouping is a reshape). `lax.map` runs the groups one after another, so the temporaries
@@ -252,7 +262,7 @@ def map_row_groups(fn, args: tuple, groups: int, row_axes: Sequence[str] = ()):
     if groups == 1:
         return fn(*args)
     rows = args[0].shape[0]
-    devices = row_split(row_axes, rows)
+    devices = row_devices(row_axes, rows)
     size = rows // (devices * groups)
 
     def split(a):  # [rows, ...] -> [groups, devices·size, ...]
@@ -276,7 +286,7 @@ class Block(nn.Module):
     the same masks.
 
     `chunk_group` > 0 computes attention + MLP (which are local to each chunk row) for at most
-    that many rows per device at a time (`map_row_groups`; devices: `row_split`), each group
+    that many rows per device at a time (`map_row_groups`; devices: `row_devices`), each group
     under `jax.checkpoint` with `remat_policy` ("full" when it is "none"), so that neither the forward nor the backward pass
     holds more than one group's attention scores; the TIA, which mixes chunks, then runs over
     the whole sequence. The values are those of the ungrouped block.
@@ -325,7 +335,8 @@ class Block(nn.Module):
                  if use_drop_path else ())
         rate = (drop_rate,) if use_drop_path else ()
         # chunk_group rows per device: as many groups as one device's share needs.
-        groups = row_groups(x.shape[0] // row_split(self.row_axes, x.shape[0]), self.chunk_group)
+        per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
+        groups = row_groups(per_device, self.chunk_group)
         if groups == 1 or self.is_initializing():
             x = self.mix(x, *masks, *rate)
         else:
@@ -379,8 +390,8 @@ class VisionTransformer(nn.Module):
       chunk_group: > 0: each block computes attention + MLP for at most this many chunk rows
         per device at a time, then its TIA over the whole sequence (see Block); 0: all rows at
         once. The rows are those of every video of the batch; the devices are those of
-        `row_axes` in the mesh set with `jax.set_mesh` (1 without), so that with D devices a
-        group takes chunk_group rows from each.
+        `row_axes` in the mesh set with `jax.set_mesh` (without one: all devices, see
+        row_devices), so that with D devices a group takes chunk_group rows from each.
       remat_input_dtype: None / "": with remat_policy "full", each block keeps its input for the
         backward pass as it is (float32); e.g. "bfloat16": keeps it in bfloat16 (half the
         memory; the backward pass recomputes the block from the rounded input, so gradients
