@@ -46,16 +46,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes_since_reset() -> int:
-    """VmHWM of /proc/self/status (the peak since the last reset_peak_rss), else ru_maxrss."""
+def _proc_status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss_bytes()
+    return None
+
+
+def peak_rss_bytes_since_reset() -> int:
+    """VmHWM of /proc/self/status (the peak since the last reset_peak_rss), else ru_maxrss."""
+    peak = _proc_status_bytes("VmHWM")
+    return peak_rss_bytes() if peak is None else peak
 
 
 def load_config(path: str, overrides: list[str]):
@@ -113,6 +118,7 @@ def bench_step(args, overrides) -> dict:
     peak_overall = peak_rss_bytes()
     # The peak of the timed steps alone (compilation and the first step's allocations excluded).
     reset = reset_peak_rss()
+    rss_before_steps = _proc_status_bytes("VmRSS")
     times = []
     for _ in range(args.steps):
         t0 = time.time()
@@ -128,6 +134,7 @@ def bench_step(args, overrides) -> dict:
             "first_step_seconds": first,
             "peak_rss_bytes": max(peak_overall, peak_rss_bytes()),
             "peak_rss_bytes_steps": peak_rss_bytes_since_reset() if reset else None,
+            "rss_bytes_before_steps": rss_before_steps,
             "loss": float(metrics["loss"])}
 
 
