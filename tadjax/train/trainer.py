@@ -202,7 +202,8 @@ class Run:
             frames = jax.make_array_from_process_local_data(sh["frames"], np.asarray(frames),
                                                             frames.shape)
             mask = jax.make_array_from_process_local_data(sh["mask"], np.asarray(mask), mask.shape)
-            return step(params, frames, mask)
+            with jax.set_mesh(self.mesh):  # traced under the mesh: the row_axes constraints apply
+                return step(params, frames, mask)
         return predict
 
     def data_shard(self) -> tuple[int, int]:
@@ -485,7 +486,9 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
             return None
         batch = next(train_iter)
         batch = run.global_batch(batch)
-        state, metrics = train_step(state, batch)
+        # Traced under the mesh, so that the backbone's row_axes constraints apply.
+        with jax.set_mesh(run.mesh):
+            state, metrics = train_step(state, batch)
         step += 1
         n_log += 1
         guard.push(step, metrics)
