@@ -278,6 +278,78 @@ def _write_one(plan: VideoPlan, cfg: SyntheticConfig, video_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Pre-training clips
+
+# Token classes of `pretraining_clip`: nothing, a distractor, or the class of an actor.
+PRETRAIN_CLASSES = ("background", "distractor") + CLASSES
+
+
+def _disk_pixels(positions: np.ndarray, radius: float, size: int) -> np.ndarray:
+    """bool [T, S, S]: pixels whose centre lies within `radius` of the object (torus distance);
+    positions float [T, 2] as (x, y), NaN where the object is absent."""
+    present = ~np.isnan(positions[:, 0])
+    p = np.where(present[:, None], positions, 0.0)
+    centres = np.arange(size) + 0.5
+    dx = np.mod(centres[None] - p[:, :1] + size / 2, size) - size / 2  # [T, S]
+    dy = np.mod(centres[None] - p[:, 1:] + size / 2, size) - size / 2
+    return ((dy[:, :, None] ** 2 + dx[:, None, :] ** 2) <= radius**2) & present[:, None, None]
+
+
+def pretraining_clip(rng: np.random.Generator, cfg: SyntheticConfig = SyntheticConfig(), *,
+                     frames: int = 16, snippet_stride: int = 2, patch: int = 16, tubelet: int = 2,
+                     max_objects: int = 3, min_pixels: int = 20):
+    """One short clip of the synthetic world with a motion label for every backbone token.
+
+    The stand-in, for this world, of the large labelled video corpora real backbones are
+    pre-trained on (tadjax.tools.pretrain_synthetic): `frames` frames `snippet_stride` raw frames
+    apart (10, 12 or 15 fps as in the data set), a background as in the videos, 1..max_objects
+    objects, each an actor of a random class (probability 0.6) or a static / random-walk
+    distractor, some appearing or vanishing inside the clip; object sizes vary by 0.9-1.5x (the
+    data set's random crops zoom in up to ~1.45x). Returns (frames uint8 [frames, S, S, 3],
+    labels int32 [frames // tubelet, S // patch, S // patch]): the index in PRETRAIN_CLASSES of
+    the object covering most pixels of the token's patch over its `tubelet` frames (at least
+    `min_pixels`), else 0. No mp4 round trip: clips are rendered in memory.
+    """
+    size = cfg.size
+    if frames % tubelet or size % patch:
+        raise ValueError(f"pretraining_clip: frames={frames} must be a multiple of tubelet={tubelet} "
+                         f"and size={size} of patch={patch}")
+    fps = float(rng.choice(cfg.fps_choices)) / snippet_stride
+    background = render_background(size, cfg, rng)
+    out = (background[None] * (1 + 0.06 * rng.uniform(-1, 1))
+           + rng.normal(0, cfg.noise_std, (frames, size, size, 3))).astype(np.float32)
+    radius = cfg.object_radius * rng.uniform(0.9, 1.5)
+    zoom = radius / cfg.object_radius
+    tracks, labels = [], []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        if rng.uniform() < 0.6:
+            label = int(rng.integers(len(CLASSES)))
+            offsets = action_offsets(label, np.arange(frames) / fps, rng.uniform(*cfg.amplitude) * zoom,
+                                     rng.uniform(*cfg.period_seconds), rng.uniform(0, 2 * np.pi))
+            track = np.mod(rng.uniform(0, size, 2) + offsets, size)
+            labels.append(2 + label)
+        else:
+            track = _walk_track(frames, fps, size, cfg, rng, static=bool(rng.uniform() < 0.4))
+            labels.append(1)
+        if rng.uniform() < 0.3:  # appears or vanishes inside the clip
+            cut = int(rng.integers(1, frames))
+            if rng.uniform() < 0.5:
+                track[:cut] = np.nan
+            else:
+                track[cut:] = np.nan
+        tracks.append(track)
+    positions = np.stack(tracks, axis=1)
+    render_objects(out, positions, radius)
+    t, g = frames // tubelet, size // patch
+    counts = np.zeros((len(PRETRAIN_CLASSES), t, g, g))
+    counts[0] = min_pixels  # ties go to the background
+    for k, label in enumerate(labels):
+        pixels = _disk_pixels(positions[:, k], radius, size)
+        counts[label] += pixels.reshape(t, tubelet, g, patch, g, patch).sum(axis=(1, 3, 5))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), counts.argmax(axis=0).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
 # Data set
 
 
