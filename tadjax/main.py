@@ -44,6 +44,9 @@ def _default_workdir(config_path: str) -> str:
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
+    # Libraries that log through absl (orbax: several INFO lines per checkpoint, grain) stay at
+    # warnings, so the run's own lines remain readable; tadjax logs through the root logger.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     import jax
     if FLAGS.mode == "predict":
         return _predict()
