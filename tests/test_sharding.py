@@ -156,9 +156,11 @@ def train_two_steps(config, devices=None):
     losses, compiled = [], None
     for batch in random_batches(config, STEPS):
         batch = run.global_batch(batch)
-        if compiled is None:
-            compiled = step.lower(state, batch).compile(compiler_options=FAST)
-        state, metrics = compiled(state, batch)
+        # Traced under the run's mesh, as the trainer does: the ViT's row_axes constraints apply.
+        with jax.set_mesh(run.mesh):
+            if compiled is None:
+                compiled = step.lower(state, batch).compile(compiler_options=FAST)
+            state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))
     params = {k: np.asarray(jax.device_get(v)) for k, v in tree.flatten(state["params"]).items()}
     shards = {k: str(v.sharding.spec) for k, v in tree.flatten(state["params"]).items()}
