@@ -448,7 +448,10 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
         state = run.init_state(tx)
         if config.model.get("pretrained"):
             from tadjax import surgery
-            state = surgery.start_from_pretrained(state, tx, run.mask, config)
+            # Back into the run's shardings: with the loaded arrays' own placement the first
+            # step would be traced and compiled once more at the second.
+            state = jax.device_put(surgery.start_from_pretrained(state, tx, run.mask, config),
+                                   run.state_shardings(tx))
         if is_main:
             from clu import parameter_overview
             logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
