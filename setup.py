@@ -7,6 +7,9 @@ setup(
     description="End-to-end temporal action detection (AdaTAD, ETAD, Progressive Block Drop) in JAX/Flax",
     python_requires=">=3.11",
     packages=find_packages(include=["tadjax", "tadjax.*"]),
+    # The demo's pre-trained backbone (orbax files + tadjax_import.json).
+    package_data={"tadjax": ["assets/*/*.json", "assets/*/params/*", "assets/*/params/*/*",
+                             "assets/*/params/*/*/*"]},
     install_requires=[
         "jax[cpu]==0.10.2",
         "flax==0.12.8",

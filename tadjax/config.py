@@ -16,6 +16,9 @@ import ml_collections
 # Dataset metadata shipped with the repository (class lists, block lists), found from any cwd.
 THIRD_PARTY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party")
 
+# The demo's pre-trained backbone (tadjax.tools.pretrain_synthetic), shipped inside the package.
+DEMO_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "synthetic_vit_demo")
+
 # Parameters without weight decay in the head (minGPT-style grouping of the reference): biases,
 # LayerNorm scales, the per-level Scale and the AffineDropPath scales.
 HEAD_NO_DECAY = (r"bias$", r"norm[^/]*/scale$", r"/scale(_\d+)?$", r"layer_scale[^/]*$",
