@@ -51,24 +51,28 @@ def test_stop_and_resume_matches_uninterrupted(tiny_synthetic, tmp_path):
     assert list(metrics["mAP"]) == ["0.30", "0.40", "0.50", "0.60", "0.70"]
 
 
-# Issue #4's learning check. The tiny from-scratch demo model does not yet learn the synthetic
-# task (see the README's demo status), so this is expected to fail until that is fixed; it is
-# kept out of the default suite and CI (`-m learning` runs it).
-@pytest.mark.learning
+# Issue #4's learning check: the demo's model (frozen pre-trained ViT + TIA + ActionFormer head)
+# on the tiny synthetic set for a few dozen steps.
 def test_training_lowers_loss_and_beats_untrained(tiny_synthetic, tmp_path):
+    from tadjax import surgery
+
+    # The loss normaliser starts at the tiny set's typical positives per batch (~10), so that the
+    # logged loss is comparable from the first step on; a higher learning rate for a short run.
     config = tiny_demo_config(tiny_synthetic, tmp_path, **{
-        "train.end_epoch": 12, "train.epochs": 12, "train.ema_decay": 0.8,
-        "train.log_every_steps": 6})
+        "train.end_epoch": 10, "train.epochs": 10, "train.ema_decay": 0.8,
+        "train.log_every_steps": 1, "model.init_loss_norm": 10.0})
+    for group in config.train.param_groups:
+        group["lr"] = 3e-3
     workdir = str(tmp_path / "learn")
     run = trainer.Run(config, workdir)
     tx, _ = run.make_tx()
-    untrained = run.init_state(tx)
+    # The untrained model: pre-trained backbone, fresh adapters and head (step 0 of the run).
+    untrained = surgery.start_from_pretrained(run.init_state(tx), tx, run.mask, config)
     before = trainer.evaluate_params(run, state_lib.eval_params(untrained, run.mask),
                                      out_dir=str(tmp_path / "untrained"))
     after = trainer.train_and_evaluate(config, workdir)
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) >= 6
-    third = len(losses) // 3
-    assert np.mean(losses[-third:]) < 0.8 * np.mean(losses[:third]), losses
-    assert after["average_mAP"] > before["average_mAP"] + 0.02, (before, after)
+    assert len(losses) == 40  # 8 videos / batch 2 x 10 epochs, one line per step
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+    assert after["average_mAP"] > before["average_mAP"] + 0.03, (before, after)
