@@ -520,7 +520,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
                                       out_dir=os.path.join(workdir, "eval"),
                                       predict_step=predict_step)
             writer.write_scalars(step, {"eval/average_mAP": summary["average_mAP"],
-                                        **{f"eval/mAP@{k}": v for k, v in summary["mAP"].items()}})
+                                        **{f"eval/mAP_{k}": v for k, v in summary["mAP"].items()}})  # "@" is no legal TensorBoard tag
         if eval_now or step % int(config.train.checkpoint_every_steps) == 0:
             guard.flush()
             if guard.exhausted:
