@@ -1,5 +1,5 @@
-r"""ETAD on the synthetic set: tiny ViT (chunk-local TIAs, trained from scratch) with
-sampled-gradient backbone training (30 % of the 16-frame chunks), LSTM neck and three refinement
+r"""ETAD on the synthetic set: the demo's frozen pre-trained tiny ViT with chunk-local TIAs, and
+sampled-gradient training (30 % of the 16-frame chunks back-propagated), LSTM neck and three refinement
 stages on a 128x128 proposal map (6 % of the anchors per step).
 
   python -m tadjax.main --config configs/etad_demo.py --workdir workdirs/etad_demo
@@ -10,7 +10,8 @@ has 5 classes and no video-level classifier, so the ETAD head carries a per-prop
 """
 import ml_collections
 
-from tadjax.config import eval_config, finalize, mesh_config, synthetic_data, train_config
+from tadjax.config import (DEMO_BACKBONE, eval_config, finalize, mesh_config, synthetic_data,
+                           train_config)
 from tadjax.data.synthetic import CLASSES
 
 
@@ -53,10 +54,14 @@ def get_config(arg=None):
     c.data = synthetic_data()
     c.model = etad_model(num_classes=len(CLASSES), hidden=128, backbone=dict(
         variant="S", embed_dim=96, depth=4, num_heads=3, mlp_dim=384, patch_size=16,
-        drop_path_rate=0.0, adapter_mode="adapter_full", adapter_blocks="all", adapter_ratio=0.25,
+        drop_path_rate=0.0, adapter_mode="adapter", adapter_blocks="all", adapter_ratio=0.25,
         adapter_chunk_local=True, remat_policy="none", scan_blocks=False))
+    # The demo's frozen pre-trained ViT (see configs/demo.py); its chunk-local TIAs train with
+    # sampled gradients.
+    c.model.pretrained = DEMO_BACKBONE
     c.train = etad_train(epochs=6 if quick else 40, warmup_epochs=1 if quick else 2,
-                         backbone_regex=r"^backbone/", backbone_lr=1e-3, head_lr=1e-3, ratio=0.3)
+                         backbone_regex=r"^backbone/.*adapter", backbone_lr=1e-3, head_lr=1e-3,
+                         ratio=0.3)
     c.train.checkpoint_every_steps = 100
     c.train.eval_start_epoch = 100 if quick else 19
     c.train.eval_every_epochs = 10
