@@ -54,8 +54,6 @@ def test_stop_and_resume_matches_uninterrupted(tiny_synthetic, tmp_path):
 # Issue #4's learning check: the demo's model (frozen pre-trained ViT + TIA + ActionFormer head)
 # on the tiny synthetic set for a few dozen steps.
 def test_training_lowers_loss_and_beats_untrained(tiny_synthetic, tmp_path):
-    from tadjax import surgery
-
     # The loss normaliser starts at the tiny set's typical positives per batch (~10), so that the
     # logged loss is comparable from the first step on; a higher learning rate for a short run.
     config = tiny_demo_config(tiny_synthetic, tmp_path, **{
@@ -64,12 +62,11 @@ def test_training_lowers_loss_and_beats_untrained(tiny_synthetic, tmp_path):
     for group in config.train.param_groups:
         group["lr"] = 3e-3
     workdir = str(tmp_path / "learn")
-    run = trainer.Run(config, workdir)
-    tx, _ = run.make_tx()
-    # The untrained model: pre-trained backbone, fresh adapters and head (step 0 of the run).
-    untrained = surgery.start_from_pretrained(run.init_state(tx), tx, run.mask, config)
-    before = trainer.evaluate_params(run, state_lib.eval_params(untrained, run.mask),
-                                     out_dir=str(tmp_path / "untrained"))
+    # The untrained model: pre-trained backbone, fresh adapters and head, saved as step 0 of the
+    # run (the run stops before its first step) and evaluated from that checkpoint; training
+    # then resumes from it.
+    assert trainer.train_and_evaluate(config, workdir, stop_at_step=0) is None
+    before = trainer.evaluate(config, workdir, step=0)
     after = trainer.train_and_evaluate(config, workdir)
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [r["loss"] for r in rows if "loss" in r]
