@@ -28,6 +28,8 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+# Three training runs with their compilations (5 min here): with the slow end-to-end checks.
+@pytest.mark.slow
 def test_stop_and_resume_matches_uninterrupted(tiny_synthetic, tmp_path):
     config = tiny_demo_config(tiny_synthetic, tmp_path, **{"train.end_epoch": 2, "train.epochs": 2})
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -53,6 +55,7 @@ def test_stop_and_resume_matches_uninterrupted(tiny_synthetic, tmp_path):
 
 # Issue #4's learning check: the demo's model (frozen pre-trained ViT + TIA + ActionFormer head)
 # on the tiny synthetic set for a few dozen steps.
+@pytest.mark.slow
 def test_training_lowers_loss_and_beats_untrained(tiny_synthetic, tmp_path):
     # The loss normaliser starts at the tiny set's typical positives per batch (~10), so that the
     # logged loss is comparable from the first step on; a higher learning rate for a short run.
