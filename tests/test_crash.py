@@ -31,6 +31,7 @@ OVERRIDES = {
     "data.train_short_side": 36, "data.eval_short_side": 32,
     "model.backbone.depth": 1, "model.backbone.embed_dim": 32, "model.backbone.num_heads": 2,
     "model.backbone.mlp_dim": 64, "model.head.channels": 32,
+    "model.pretrained": "",  # a smaller ViT than the demo's shipped weights: random init
     "train.epochs": 6, "train.end_epoch": 6, "train.log_every_steps": 1,
     "train.checkpoint_every_steps": CHECKPOINT_EVERY, "eval.batch_size": 2,
 }
