@@ -1,6 +1,6 @@
 r"""Supervised pre-training of a config's ViT on the synthetic world: the demo's "VideoMAE".
 
-  python -m tadjax.tools.pretrain_synthetic --config configs/demo.py --out DIR [--steps 3000]
+  python -m tadjax.tools.pretrain_synthetic --config configs/demo.py --out DIR [--steps 2000]
 
 AdaTAD never trains its backbone from scratch: it starts from a VideoMAE pre-trained on large video
 corpora, freezes it and trains the adapters. The synthetic set has no such model, and a randomly
@@ -34,7 +34,7 @@ def _parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.py", help="config whose model.backbone is trained")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)  # the shipped demo weights
     p.add_argument("--batch", type=int, default=16, help="clips per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -94,7 +94,7 @@ def pretrain(config, out_dir: str, *, steps: int, batch: int, lr: float, warmup:
 
     from tadjax import convert
     from tadjax.data import synthetic
-    from tadjax.models import detector, vit
+    from tadjax.models import detector
 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
@@ -115,7 +115,7 @@ def pretrain(config, out_dir: str, *, steps: int, batch: int, lr: float, warmup:
             return nn.Dense(num_classes, name="classifier")(tokens)  # [B, K, t·h·w, classes]
 
     model = TokenClassifier(backbone=backbone)
-    frames0, labels0 = make_batch(seed, 0, 2, settings, size)
+    frames0, _ = make_batch(seed, 0, 2, settings, size)
     key = jax.random.PRNGKey(seed)
     params = jax.jit(lambda k: model.init({"params": k, "dropout": k}, frames0, False))(key)["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))

@@ -519,8 +519,9 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
             summary = evaluate_params(run, state_lib.eval_params(state, run.mask),
                                       out_dir=os.path.join(workdir, "eval"),
                                       predict_step=predict_step)
+            # Tags eval/mAP_0.30 etc.: "@" is no legal TensorBoard tag.
             writer.write_scalars(step, {"eval/average_mAP": summary["average_mAP"],
-                                        **{f"eval/mAP_{k}": v for k, v in summary["mAP"].items()}})  # "@" is no legal TensorBoard tag
+                                        **{f"eval/mAP_{k}": v for k, v in summary["mAP"].items()}})
         if eval_now or step % int(config.train.checkpoint_every_steps) == 0:
             guard.flush()
             if guard.exhausted:
