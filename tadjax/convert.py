@@ -374,6 +374,19 @@ def check_position_table(table: np.ndarray, source: str, time_tokens: int = 8) -
 # Entry point
 
 
+def write_tadjax_dir(out_dir: str, params, meta: dict) -> None:
+    """Writes a backbone tree as OUT_DIR/params (orbax) + OUT_DIR/tadjax_import.json (`meta`),
+    the layout `read_checkpoint` reads back. OUT_DIR must not exist yet."""
+    import orbax.checkpoint as ocp
+
+    os.makedirs(out_dir)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(os.path.abspath(out_dir), "params"), params)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 def _read_tadjax_dir(path: str) -> Checkpoint:
     import orbax.checkpoint as ocp
 

@@ -20,7 +20,6 @@ them). Start training from it with the config field `model.pretrained`:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -49,8 +48,6 @@ def convert_file(input_path: str, out_dir: str, *, num_heads: int | None = None,
                  prefer_ema: bool = True, allow_unexpected=(), trust_pickle: bool = False,
                  overwrite: bool = False) -> dict:
     """Converts `input_path` into OUT_DIR (see the module docstring); returns the metadata."""
-    import orbax.checkpoint as ocp
-
     from tadjax import convert, tree
 
     ckpt = convert.read_checkpoint(input_path, prefer_ema=prefer_ema, trust_pickle=trust_pickle)
@@ -65,11 +62,7 @@ def convert_file(input_path: str, out_dir: str, *, num_heads: int | None = None,
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")
         shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
     params = tree.unflatten({k: np.asarray(v, np.float32) for k, v in ckpt.params.items()})
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(out_dir, "params"), params)
-    checkpointer.wait_until_finished()
     adapters = sorted({k.split("/")[0] for k in ckpt.params if "/adapter/" in k or k.startswith("side_")})
     meta = {
         "source": os.path.abspath(ckpt.source), "sha256": ckpt.sha256, "format": ckpt.format,
@@ -79,8 +72,7 @@ def convert_file(input_path: str, out_dir: str, *, num_heads: int | None = None,
         "num_parameters": int(sum(v.size for v in ckpt.params.values())),
         "with_adapters": adapters, "ignored": ckpt.ignored, "hf_config": ckpt.hf_config,
     }
-    with open(os.path.join(out_dir, convert.METADATA_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
+    convert.write_tadjax_dir(out_dir, params, meta)
     return meta
 
 

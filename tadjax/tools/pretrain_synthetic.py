@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import shutil
 import sys
@@ -90,7 +89,6 @@ def pretrain(config, out_dir: str, *, steps: int, batch: int, lr: float, warmup:
     import jax
     import jax.numpy as jnp
     import optax
-    import orbax.checkpoint as ocp
 
     from tadjax import convert
     from tadjax.data import synthetic
@@ -168,10 +166,6 @@ def pretrain(config, out_dir: str, *, steps: int, batch: int, lr: float, warmup:
 
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(out_dir, "params"), jax.device_get(params["backbone"]))
-    ckptr.wait_until_finished()
     b_meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in b.items()}
     meta = {
         "source": "tadjax.tools.pretrain_synthetic", "sha256": "", "format": "tadjax",
@@ -183,8 +177,7 @@ def pretrain(config, out_dir: str, *, steps: int, batch: int, lr: float, warmup:
         "final_loss": float(np.mean(losses[-log_every:])), "held_out": metrics,
         "seconds": round(time.time() - start, 1),
     }
-    with open(os.path.join(out_dir, convert.METADATA_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
+    convert.write_tadjax_dir(out_dir, jax.device_get(params["backbone"]), meta)
     log(f"wrote {out_dir}")
     return meta
 
