@@ -36,6 +36,7 @@ Adapter modes (`adapter_mode`; spec §3.5):
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from tadjax.models.attention import chunk_attention
 from tadjax.models.adapters import ADAPTER_MODES, TemporalInformativeAdapter, trunc_normal
 from tadjax.models.lora import LoRADense
 from tadjax.models.remat import REMAT_POLICIES, remat, remat_narrow_input
@@ -186,7 +188,10 @@ class Attention(nn.Module):
         bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         qkv = (qkv + bias).reshape(rows, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        if self.attention_impl in (None, "", "tadjax"):
+            out = chunk_attention(q, k, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         out = out.reshape(rows, tokens, dim)
         return dense(dim, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
                      name="proj")(out)
@@ -329,6 +334,12 @@ class Block(nn.Module):
 
     def __call__(self, x, drop_key, drop_rate, *, videos: int, time_tokens: int,
                  use_drop_path: bool):
+        x = self.mix_rows(x, drop_key, drop_rate, use_drop_path=use_drop_path)
+        return self.adapt(x, videos=videos, time_tokens=time_tokens)
+
+    def mix_rows(self, x, drop_key, drop_rate, *, use_drop_path: bool):
+        """Attention + MLP (with their residuals) of every chunk row, in chunk groups (see the
+        class docstring). Reads no adapter parameters."""
         x = constrain_rows(x, self.row_axes)
         # The drop-path masks of every row are drawn here, whatever the grouping.
         masks = (tuple(drop_path_mask(k, drop_rate, x.shape) for k in jax.random.split(drop_key))
@@ -350,11 +361,14 @@ class Block(nn.Module):
             policy = "full" if self.remat_policy == "none" else self.remat_policy
             x = map_row_groups(remat(mix, policy, prevent_cse=False), (x, *masks), groups,
                                self.row_axes)
-        x = constrain_rows(x, self.row_axes)
-        if self.adapter_ratio is not None:
-            x = constrain_rows(self.adapter(x, videos=videos, time_tokens=time_tokens),
-                               self.row_axes)
-        return x
+        return constrain_rows(x, self.row_axes)
+
+    def adapt(self, x, *, videos: int, time_tokens: int):
+        """The block's TIA (identity without one). Reads only the adapter parameters."""
+        if self.adapter_ratio is None:
+            return x
+        return constrain_rows(self.adapter(x, videos=videos, time_tokens=time_tokens),
+                              self.row_axes)
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -382,7 +396,9 @@ class VisionTransformer(nn.Module):
         adapter gradient at 256 frames, 160 px: 13.6 GiB unrolled with or without remat "full",
         1.8 GiB scanned with remat "full" (3.7 GiB with "dots").
       dtype: computation dtype; parameters are float32, the residual stream stays float32.
-      attention_impl: `implementation` of jax.nn.dot_product_attention (None = let JAX choose).
+      attention_impl: None / "" / "tadjax": head-major attention with a hand-written backward
+        (models/attention.py; about 3x faster than the alternatives on XLA:CPU); otherwise the
+        `implementation` of jax.nn.dot_product_attention ("xla", "cudnn").
       block_indices: original indices of the blocks this model holds (None: all of range(depth));
         a block-dropped parameter tree (tadjax.surgery.drop_blocks) loads into a model with the
         same `depth` and the kept indices here.
@@ -583,53 +599,100 @@ class VisionTransformer(nn.Module):
             return x, taps, outputs
 
         params = {i: self._block_params(i) for i in kept}
-        # Runs of consecutive blocks with the same structure (adapter or not, tapped or not).
+        has_adapter = {i: self._block_kwargs(i)["adapter_ratio"] is not None for i in kept}
+        # The checkpointed unit j is the TIA of held block kept[j-1] followed by the attention +
+        # MLP of kept[j] (unit 0: the attention + MLP of kept[0]; the TIA of the last block runs
+        # after the units). Each unit keeps only its input for the backward pass, as a unit
+        # "block + its TIA" would, but the backward pass of a unit needs no output of its
+        # attention + MLP (only their inputs, which the cheap TIA recomputes), so with chunk
+        # groups (each group's attention + MLP is checkpointed on its own) they run twice in
+        # all (forward, and once more when back-propagated), not three times. And unit 0,
+        # whose input gets no gradient, is never recomputed or back-propagated unless the ViT
+        # itself trains.
+        mixer = Block(**{**self._block_kwargs(kept[0]), "adapter_ratio": None}, parent=None)
+
+        def adapter_fn(p, h, i):
+            block = Block(**self._block_kwargs(i), parent=None)
+            return block.apply({"params": {"adapter": p}}, h, videos=videos,
+                               time_tokens=time_tokens, method=Block.adapt)
+
+        def unit_fn(p, h, key, rate, keep_prev, keep, prev):
+            if "adapter" in p:
+                h = gated(lambda h: adapter_fn(p["adapter"], h, prev), keep_prev, h)
+            return gated(lambda h: mixer.apply({"params": p["mix"]}, h, key, rate,
+                                               use_drop_path=use_drop_path, method=Block.mix_rows),
+                         keep, h)
+
+        def unit_params(j):
+            p = {"mix": {k: v for k, v in params[kept[j]].items() if k != "adapter"}}
+            if j > 0 and has_adapter[kept[j - 1]]:
+                p["adapter"] = params[kept[j - 1]]["adapter"]
+            return p
+
+        def previous_output(j, p, h, keep_prev):
+            """Output of held block kept[j-1] (after its TIA) from unit j's params and input."""
+            if "adapter" not in p:
+                return h
+            return gated(lambda h: adapter_fn(p["adapter"], h, kept[j - 1]), keep_prev, h)
+
+        # Runs of consecutive units with the same structure, each one scan (or unrolled loop).
         runs = []
-        for i in kept:
-            signature = (self._block_kwargs(i)["adapter_ratio"] is not None, i in tapped)
-            if runs and runs[-1][0] == signature:
-                runs[-1][1].append(i)
+        for j in range(len(kept)):
+            prev = kept[j - 1] if j else None
+            signature = (j == 0, j > 0 and has_adapter[prev], prev in tapped)
+            if runs and runs[-1][0] == signature and j > 0:
+                runs[-1][1].append(j)
             else:
-                runs.append((signature, [i]))
+                runs.append((signature, [j]))
 
-        for (_, is_tap), indices in runs:
-            block = Block(**self._block_kwargs(indices[0]), parent=None)
+        def record(i, y):
+            if i in tapped:
+                taps[i] = jax.lax.stop_gradient(y)
+            if collect:
+                outputs[str(i)] = y
 
-            def block_fn(p, h, key, rate, block=block):
-                return block.apply({"params": p}, h, key, rate, **call_kw)
-
+        for (first, _, prev_tapped), units in runs:
+            prev_of = units[0] - 1  # a run's units share the structure of their previous block
+            fn = functools.partial(unit_fn, prev=kept[prev_of] if prev_of >= 0 else kept[0])
             if self.remat_input_dtype:
-                block_fn = remat_narrow_input(block_fn, jnp.dtype(self.remat_input_dtype),
-                                              grad_keys=self._block_grad_keys())
+                fn = remat_narrow_input(fn, jnp.dtype(self.remat_input_dtype),
+                                        grad_keys=self._unit_grad_keys())
             else:
-                block_fn = remat(block_fn, self.remat_policy, prevent_cse=not self.scan_blocks)
+                fn = remat(fn, self.remat_policy, prevent_cse=not self.scan_blocks)
+            need_prev = not first and (collect or prev_tapped)
+            cur = np.asarray([kept[j] for j in units])
+            prev = np.asarray([kept[j - 1] if j else kept[0] for j in units])
+            keep_prev = keep_flags[prev] if not first else jnp.ones((len(units),), bool)
             if self.scan_blocks:
-                stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[i] for i in indices])
-                sel = np.asarray(indices)
+                stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                                 *[unit_params(j) for j in units])
 
-                def body(h, xs, block_fn=block_fn, is_tap=is_tap):
-                    p, key, rate, keep = xs
-                    h = gated(lambda h: block_fn(p, h, key, rate), keep, h)
-                    return h, (h if is_tap or collect else None)
+                def body(h, xs, fn=fn, need_prev=need_prev, j0=units[0]):
+                    p, key, rate, kp, k = xs
+                    y = previous_output(j0, p, h, kp) if need_prev else None
+                    return fn(p, h, key, rate, kp, k), y
 
-                x, outs = jax.lax.scan(body, x, (stacked, keys[sel], rates[sel], keep_flags[sel]))
-                for j, i in enumerate(indices):
-                    if is_tap:
-                        taps[i] = jax.lax.stop_gradient(outs[j])
-                    if collect:
-                        outputs[str(i)] = outs[j]
+                x, ys = jax.lax.scan(body, x, (stacked, keys[cur], rates[cur], keep_prev,
+                                               keep_flags[cur]))
+                if need_prev:
+                    for n, j in enumerate(units):
+                        record(kept[j - 1], ys[n])
             else:
-                for i in indices:
-                    x = gated(lambda h, i=i: block_fn(params[i], h, keys[i], rates[i]),
-                              keep_flags[i], x)
-                    if is_tap:
-                        taps[i] = jax.lax.stop_gradient(x)
-                    if collect:
-                        outputs[str(i)] = x
+                for n, j in enumerate(units):
+                    p = unit_params(j)
+                    if need_prev:
+                        record(kept[j - 1], previous_output(j, p, x, keep_prev[n]))
+                    x = fn(p, x, keys[cur[n]], rates[cur[n]], keep_prev[n], keep_flags[cur[n]])
+        last = kept[-1]
+        if has_adapter[last]:
+            final = remat(lambda p, h: adapter_fn(p, h, last), self.remat_policy)
+            x = gated(lambda h: final(params[last]["adapter"], h), keep_flags[last], x)
+        record(last, x)
         return x, taps, outputs
 
-    def _block_grad_keys(self) -> tuple[str, ...] | None:
-        """Entries of a block's parameters that get gradients (None: all), as _block_params."""
+    def _unit_grad_keys(self) -> tuple[str, ...] | None:
+        """Entries of a unit's parameters ({"mix": ..., "adapter": ...}) that get gradients
+        (None: all), as _block_params."""
         if self.adapter_mode in ("full", "none", "adapter_full"):
             return None
         return ("adapter",) if self.adapter_mode == "adapter" else ()
