@@ -46,6 +46,9 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
         # "" or e.g. "bfloat16": dtype of the block inputs kept for the backward pass (remat
         # "full" only; bfloat16 halves that memory, gradients then carry bfloat16 rounding).
         remat_input_dtype=remat_input_dtype,
+        # "": head-major attention with a hand-written backward (models/attention.py); or an
+        # implementation of jax.nn.dot_product_attention ("xla", "cudnn" for bfloat16 on GPUs).
+        attention_impl="",
         # Mesh axes of the backbone's chunk rows (batch axes, then the snippet axis, as
         # mesh_config names them), applied while the step is traced under jax.set_mesh.
         row_axes=("data", "fsdp", "snippet"),
@@ -92,6 +95,7 @@ def train_config(*, epochs: int, end_epoch: int, warmup_epochs: int,
     t.keep_best = 1
     t.eval_start_epoch = 40
     t.eval_every_epochs = 2
+    t.eval_at_start = False                # also evaluate the starting weights (step 0 of a fresh run)
     t.max_bad_steps = 20                   # consecutive non-finite updates before stopping
     # Videos per device and micro-step (0: the whole per-device share at once). Smaller values
     # accumulate gradients over several micro-steps; the global batch stays data.batch_size.
@@ -179,13 +183,14 @@ def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str
         train_short_side=int(round(img_size * 182 / 160)) if img_size == 160 else 256,
         eval_short_side=img_size, batch_size=2)
     g_half = size == "g" and img_size == 224
-    # Attention + MLP of 2 chunk rows per device at a time (1 for ViT-g, whose attention scores
-    # take 268 MB per row at 224 px). ViT-g at 224 px keeps its block inputs for the backward
+    # Attention + MLP of one chunk row per device at a time: on XLA:CPU as fast as 2 rows and
+    # smaller (ViT-S 256 frames: 25.7 s, 1.24 GB vs 26.1 s, 1.35 GB for `bench reference`);
+    # ViT-g's attention scores take 268 MB per row at 224 px. ViT-g at 224 px keeps its block inputs for the backward
     # pass in bfloat16: in float32 those of blocks 20-39 alone take 44 GB.
     c.model = model_config(
         variant=size, num_classes=20, channels=512,
         adapter_blocks=tuple(range(20, 40)) if g_half else "all", init_loss_norm=100.0,
-        chunk_group=1 if size == "g" else 2, remat_input_dtype="bfloat16" if g_half else "")
+        chunk_group=1, remat_input_dtype="bfloat16" if g_half else "")
     c.train = train_config(epochs=100, end_epoch=50 if g_half else 60,
                            warmup_epochs=5, adapter_lr=ADAPTER_LR[size], head_lr=1e-4)
     if g_half:
