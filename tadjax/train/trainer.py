@@ -475,6 +475,13 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
                   if (e - int(config.train.eval_start_epoch) - 1) % int(config.train.eval_every_epochs) == 0}
     eval_steps.add(end_step)
     guard = NonFiniteGuard(config.train.get("max_bad_steps", 0))
+    if step == 0 and config.train.get("eval_at_start", False):
+        # A baseline: the starting weights (pre-trained backbone, fresh adapters and head),
+        # logged as the eval/ scalars of step 0; the compiled predict step is reused later.
+        start = evaluate_params(run, state_lib.eval_params(state, run.mask),
+                                out_dir=os.path.join(workdir, "eval"), predict_step=predict_step)
+        writer.write_scalars(0, {"eval/average_mAP": start["average_mAP"],
+                                 **{f"eval/mAP_{k}": v for k, v in start["mAP"].items()}})
     while step < end_step:
         preempted = preemption.requested(step)
         if preempted or (stop_at_step is not None and step >= stop_at_step):
