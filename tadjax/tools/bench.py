@@ -6,6 +6,9 @@
       (overall, compilation included, and during the timed steps only)
   python -m tadjax.tools.bench loader [--json]     loader throughput (frames/s at 160 px)
   python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
+  python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256] [--json]
+      the backbone's adapter step (ViT + TIA, remat) in tadjax and in a PyTorch reference, one
+      process each, with time and memory ratios (tadjax/tools/bench_reference.py; needs torch)
   python -m tadjax.tools.bench blockdrop --config configs/adatad_thumos_s.py --drop 3 [--json]
       backbone FLOPs and forward time, full vs. block-dropped (tadjax/tools/bench_blockdrop.py)
   python -m tadjax.tools.bench etad --config configs/adatad_anet_s.py [--ratio 0.3] [--json]
@@ -161,6 +164,9 @@ def main(argv=None):
     bench_eval.add_arguments(p)
     if not any(a.dest == "json" for a in p._actions):
         p.add_argument("--json", action="store_true")
+    p = sub.add_parser("reference", help="backbone adapter step: tadjax vs a PyTorch reference")
+    from tadjax.tools import bench_reference
+    bench_reference.add_arguments(p)
     p = sub.add_parser("blockdrop", help="backbone FLOPs and forward time with blocks dropped")
     from tadjax.tools import bench_blockdrop
     bench_blockdrop.add_arguments(p)
@@ -173,6 +179,9 @@ def main(argv=None):
     elif args.name == "etad":
         from tadjax.tools import bench_etad
         out = bench_etad.run(args, overrides)
+    elif args.name == "reference":
+        from tadjax.tools import bench_reference
+        out = bench_reference.run(args, overrides)
     elif args.name == "blockdrop":
         from tadjax.tools import bench_blockdrop
         out = bench_blockdrop.run(args, overrides)

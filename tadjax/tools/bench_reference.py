@@ -1,0 +1,202 @@
+"""Side-by-side: the backbone's adapter-training step in tadjax and in a PyTorch reference, one run.
+
+  python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256]
+         [--steps 2] [--json]
+
+Both sides run the same work on random frames [1, frames, px, px, 3]: the VideoMAE ViT with a TIA
+after every block (the config's size, 160 px for the THUMOS configs), loss = mean of the squared
+pooled features, gradients for the adapters only (the ViT frozen), one AdamW update of the
+adapters. The PyTorch side is our own eager implementation of that network written the way the
+AdaTAD reference runs it: `torch.nn.functional.scaled_dot_product_attention`, each block + its TIA
+under `torch.utils.checkpoint` except the first (its input needs no gradient), float32, the
+process's threads as torch chooses. The tadjax side is the config's backbone (scanned blocks,
+remat, chunk groups) under `jax.jit`. Each side runs in its own process (so that each peak
+memory is its own), one warm-up step, then `--steps` timed steps; memory is the peak resident
+set (VmHWM) over the timed steps, and over the whole process.
+
+The machine is shared and noisy: compare the ratios printed here, measured in one run. Needs
+torch (`pip install -e ".[torch]"`); no weights are downloaded (both sides use random weights).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def add_arguments(p):
+    p.add_argument("--config", required=True)
+    p.add_argument("--frames", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--side", choices=["both", "tadjax", "torch"], default="both",
+                   help="run one side in this process (used internally; 'both' spawns one "
+                        "process per side)")
+
+
+def _shape(config, frames: int):
+    from tadjax.models import vit
+    b = config.model.backbone
+    size = dict(vit.VARIANTS[b.variant])
+    return size, int(config.data.img_size), frames
+
+
+def _timed(step, steps):
+    from tadjax.tools.bench import _proc_status_bytes, peak_rss_bytes, reset_peak_rss
+    t0 = time.time()
+    step()
+    first = time.time() - t0
+    overall = peak_rss_bytes()
+    reset_peak_rss()
+    times = []
+    for _ in range(steps):
+        t0 = time.time()
+        step()
+        times.append(time.time() - t0)
+    return {"step_seconds": sorted(times)[len(times) // 2], "step_seconds_all": times,
+            "first_step_seconds": first,
+            "peak_rss_bytes_steps": _proc_status_bytes("VmHWM"),
+            "peak_rss_bytes": max(overall, peak_rss_bytes())}
+
+
+def run_tadjax(config, frames: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from tadjax.models import detector as detector_lib
+    from tadjax.train import optimizer as opt_lib
+
+    backbone = detector_lib.build_backbone(config.model.backbone, jnp.dtype(config.model.dtype))
+    px = int(config.data.img_size)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, frames, px, px, 3), np.float32))
+    params = jax.jit(backbone.init)(jax.random.key(0), x[:, :16])["params"]
+    mask = jax.tree_util.tree_map_with_path(
+        lambda p, _: "adapter" in jax.tree_util.keystr(p), params)
+    trainable, frozen = opt_lib.split_trainable(params, mask)
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    opt = tx.init(trainable)
+
+    def loss_fn(trainable, frozen, x):
+        feats = backbone.apply({"params": opt_lib.merge_trainable(trainable, frozen)}, x,
+                               train=False)
+        return jnp.mean(jnp.square(feats))
+
+    @jax.jit
+    def step(trainable, opt, frozen, x):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x)
+        updates, opt = tx.update(grads, opt, trainable)
+        return optax.apply_updates(trainable, updates), opt, loss
+
+    box = {"t": trainable, "o": opt}
+
+    def one():
+        box["t"], box["o"], loss = step(box["t"], box["o"], frozen, x)
+        jax.block_until_ready(loss)
+
+    return _timed(one, steps)
+
+
+def run_torch(config, frames: int, steps: int) -> dict:
+    import math
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    size, px, _ = _shape(config, frames)
+    dim, depth, heads = size["embed_dim"], size["depth"], size["num_heads"]
+    hidden, patch = size["mlp_dim"], size["patch_size"]
+    width = int(dim * float(config.model.backbone.adapter_ratio))
+
+    class Adapter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Linear(dim, width), nn.Linear(width, dim)
+            self.dw = nn.Conv1d(width, width, 3, padding=1, groups=width)
+            self.pw = nn.Conv1d(width, width, 1)
+            self.gamma = nn.Parameter(torch.ones(()))
+
+        def forward(self, z, videos, t):
+            rows, tokens, _ = z.shape
+            a = F.gelu(self.down(z))                                    # [rows, t*hw, r]
+            hw = tokens // t
+            # video-long time axis per spatial site: [videos*hw, r, rows/videos*t]
+            s = a.reshape(videos, rows // videos * t, hw, width).permute(0, 2, 3, 1)
+            s = s.reshape(videos * hw, width, -1)
+            s = s + self.pw(self.dw(s))
+            a = s.reshape(videos, hw, width, -1).permute(0, 3, 1, 2).reshape(rows, tokens, width)
+            return z + self.gamma * self.up(a)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+            self.adapter = Adapter()
+
+        def forward(self, x, videos, t):
+            rows, tokens, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(rows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, tokens, dim)
+            x = x + self.proj(a)
+            x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+            return self.adapter(x, videos, t)
+
+    torch.manual_seed(0)
+    embed = nn.Conv3d(3, dim, (2, patch, patch), stride=(2, patch, patch))
+    blocks = nn.ModuleList([Block() for _ in range(depth)])
+    for p in list(embed.parameters()) + list(blocks.parameters()):
+        p.requires_grad_(False)
+    adapters = [p for b in blocks for p in b.adapter.parameters()]
+    for p in adapters:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(adapters, lr=1e-4, weight_decay=0.05)
+    frames_in = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((1, frames, px, px, 3), np.float32))
+    grid = px // patch
+    pos = torch.randn(8 * grid * grid, dim) * 0.02
+
+    def step():
+        chunks = frames // 16
+        x = frames_in.reshape(chunks, 16, px, px, 3).permute(0, 4, 1, 2, 3)
+        x = embed(x).flatten(2).transpose(1, 2) + pos                  # [chunks, 8*hw, C]
+        for i, block in enumerate(blocks):
+            x = block(x, 1, 8) if i == 0 else checkpoint(block, x, 1, 8, use_reentrant=False)
+        feats = x.reshape(1, chunks, 8, grid * grid, dim).mean(3)
+        loss = feats.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        assert math.isfinite(float(loss))
+
+    return {**_timed(step, steps), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__}
+
+
+def run(args, overrides) -> dict:
+    from tadjax.tools.bench import load_config
+    config = load_config(args.config, overrides)
+    if args.side == "tadjax":
+        return run_tadjax(config, args.frames, args.steps)
+    if args.side == "torch":
+        return run_torch(config, args.frames, args.steps)
+    results = {}
+    for side in ("tadjax", "torch"):
+        cmd = [sys.executable, "-m", "tadjax.tools.bench", "reference", "--config", args.config,
+               "--frames", str(args.frames), "--steps", str(args.steps), "--side", side,
+               "--json", *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode:
+            raise RuntimeError(f"bench reference --side {side} failed:\n{proc.stderr[-3000:]}")
+        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    j, t = results["tadjax"], results["torch"]
+    return {"benchmark": "reference", "config": args.config, "frames": args.frames,
+            "tadjax": j, "torch": t,
+            "time_ratio": j["step_seconds"] / t["step_seconds"],
+            "memory_ratio_steps": j["peak_rss_bytes_steps"] / t["peak_rss_bytes_steps"],
+            "memory_ratio_overall": j["peak_rss_bytes"] / t["peak_rss_bytes"]}
