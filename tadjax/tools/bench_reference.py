@@ -36,11 +36,10 @@ def add_arguments(p):
                         "process per side)")
 
 
-def _shape(config, frames: int):
-    from tadjax.models import vit
-    b = config.model.backbone
-    size = dict(vit.VARIANTS[b.variant])
-    return size, int(config.data.img_size), frames
+def _backbone(config):
+    import jax.numpy as jnp
+    from tadjax.models import detector as detector_lib
+    return detector_lib.build_backbone(config.model.backbone, jnp.dtype(config.model.dtype))
 
 
 def _timed(step, steps):
@@ -66,10 +65,9 @@ def run_tadjax(config, frames: int, steps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from tadjax.models import detector as detector_lib
     from tadjax.train import optimizer as opt_lib
 
-    backbone = detector_lib.build_backbone(config.model.backbone, jnp.dtype(config.model.dtype))
+    backbone = _backbone(config)
     px = int(config.data.img_size)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, frames, px, px, 3), np.float32))
     params = jax.jit(backbone.init)(jax.random.key(0), x[:, :16])["params"]
@@ -107,9 +105,10 @@ def run_torch(config, frames: int, steps: int) -> dict:
     from torch import nn
     from torch.utils.checkpoint import checkpoint
 
-    size, px, _ = _shape(config, frames)
-    dim, depth, heads = size["embed_dim"], size["depth"], size["num_heads"]
-    hidden, patch = size["mlp_dim"], size["patch_size"]
+    vit = _backbone(config)  # the same sizes as the tadjax side, overrides included
+    px = int(config.data.img_size)
+    dim, depth, heads, hidden, patch = (vit.embed_dim, vit.depth, vit.num_heads, vit.mlp_dim,
+                                        vit.patch_size)
     width = int(dim * float(config.model.backbone.adapter_ratio))
 
     class Adapter(nn.Module):
