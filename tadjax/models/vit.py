@@ -630,7 +630,9 @@ class VisionTransformer(nn.Module):
             return p
 
         def previous_output(j, p, h, keep_prev):
-            """Output of held block kept[j-1] (after its TIA) from unit j's params and input."""
+            """Output of held block kept[j-1] (after its TIA) from unit j's params and input:
+            the TIA once more outside the checkpointed unit (cheap), only where block outputs
+            are collected or tapped."""
             if "adapter" not in p:
                 return h
             return gated(lambda h: adapter_fn(p["adapter"], h, kept[j - 1]), keep_prev, h)
