@@ -66,6 +66,28 @@ def peak_rss_bytes_since_reset() -> int:
     return peak_rss_bytes() if peak is None else peak
 
 
+def time_steps(step, steps: int) -> dict:
+    """Runs `step()` (which must block until its work is done) once as a warm-up (compilation),
+    then `steps` timed times. Median and all step times, and the peak resident memory overall
+    and during the timed steps alone (compilation and the warm-up's allocations excluded)."""
+    t0 = time.time()
+    step()
+    first = time.time() - t0
+    peak_overall = peak_rss_bytes()
+    reset = reset_peak_rss()
+    rss_before_steps = _proc_status_bytes("VmRSS")
+    times = []
+    for _ in range(steps):
+        t0 = time.time()
+        step()
+        times.append(time.time() - t0)
+    return {"step_seconds": statistics.median(times), "step_seconds_all": times,
+            "first_step_seconds": first,
+            "peak_rss_bytes": max(peak_overall, peak_rss_bytes()),
+            "peak_rss_bytes_steps": peak_rss_bytes_since_reset() if reset else None,
+            "rss_bytes_before_steps": rss_before_steps}
+
+
 def load_config(path: str, overrides: list[str]):
     """A config file plus --config.x=y style overrides, without absl's global flags."""
     from absl import flags
@@ -114,30 +136,21 @@ def bench_step(args, overrides) -> dict:
         "gt_valid": jnp.asarray(np.arange(m)[None, :] < 4).repeat(b, 0),
     }
     step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
-    t0 = time.time()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    first = time.time() - t0
-    peak_overall = peak_rss_bytes()
-    # The peak of the timed steps alone (compilation and the first step's allocations excluded).
-    reset = reset_peak_rss()
-    rss_before_steps = _proc_status_bytes("VmRSS")
-    times = []
-    for _ in range(args.steps):
-        t0 = time.time()
-        state, metrics = step(state, batch)
+    box = {"state": state}
+
+    def one_step():
+        box["state"], metrics = step(box["state"], batch)
         jax.block_until_ready(metrics)
-        times.append(time.time() - t0)
+        box["metrics"] = metrics
+
+    timing = time_steps(one_step, args.steps)
+    metrics = box["metrics"]
     return {"benchmark": "step", "config": args.config, "frames": frames_shape[1],
             "img_size": frames_shape[2], "batch_size": b, "dtype": config.model.dtype,
             "remat_policy": config.model.backbone.remat_policy,
-            "step_seconds": statistics.median(times), "step_seconds_all": times,
+            **timing,
             "chunk_group": int(config.model.backbone.get("chunk_group", 0) or 0),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "first_step_seconds": first,
-            "peak_rss_bytes": max(peak_overall, peak_rss_bytes()),
-            "peak_rss_bytes_steps": peak_rss_bytes_since_reset() if reset else None,
-            "rss_bytes_before_steps": rss_before_steps,
             "loss": float(metrics["loss"])}
 
 

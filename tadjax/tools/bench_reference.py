@@ -23,7 +23,8 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+from tadjax.tools.bench import time_steps
 
 
 def add_arguments(p):
@@ -40,24 +41,6 @@ def _backbone(config):
     import jax.numpy as jnp
     from tadjax.models import detector as detector_lib
     return detector_lib.build_backbone(config.model.backbone, jnp.dtype(config.model.dtype))
-
-
-def _timed(step, steps):
-    from tadjax.tools.bench import _proc_status_bytes, peak_rss_bytes, reset_peak_rss
-    t0 = time.time()
-    step()
-    first = time.time() - t0
-    overall = peak_rss_bytes()
-    reset_peak_rss()
-    times = []
-    for _ in range(steps):
-        t0 = time.time()
-        step()
-        times.append(time.time() - t0)
-    return {"step_seconds": sorted(times)[len(times) // 2], "step_seconds_all": times,
-            "first_step_seconds": first,
-            "peak_rss_bytes_steps": _proc_status_bytes("VmHWM"),
-            "peak_rss_bytes": max(overall, peak_rss_bytes())}
 
 
 def run_tadjax(config, frames: int, steps: int) -> dict:
@@ -94,7 +77,7 @@ def run_tadjax(config, frames: int, steps: int) -> dict:
         box["t"], box["o"], loss = step(box["t"], box["o"], frozen, x)
         jax.block_until_ready(loss)
 
-    return _timed(one, steps)
+    return time_steps(one, steps)
 
 
 def run_torch(config, frames: int, steps: int) -> dict:
@@ -173,7 +156,7 @@ def run_torch(config, frames: int, steps: int) -> dict:
         opt.step()
         assert math.isfinite(float(loss))
 
-    return {**_timed(step, steps), "torch_threads": torch.get_num_threads(),
+    return {**time_steps(step, steps), "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__}
 
 

@@ -480,8 +480,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
         # logged as the eval/ scalars of step 0; the compiled predict step is reused later.
         start = evaluate_params(run, state_lib.eval_params(state, run.mask),
                                 out_dir=os.path.join(workdir, "eval"), predict_step=predict_step)
-        writer.write_scalars(0, {"eval/average_mAP": start["average_mAP"],
-                                 **{f"eval/mAP_{k}": v for k, v in start["mAP"].items()}})
+        _write_eval(writer, 0, start)
     while step < end_step:
         preempted = preemption.requested(step)
         if preempted or (stop_at_step is not None and step >= stop_at_step):
@@ -526,9 +525,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
             summary = evaluate_params(run, state_lib.eval_params(state, run.mask),
                                       out_dir=os.path.join(workdir, "eval"),
                                       predict_step=predict_step)
-            # Tags eval/mAP_0.30 etc.: "@" is no legal TensorBoard tag.
-            writer.write_scalars(step, {"eval/average_mAP": summary["average_mAP"],
-                                        **{f"eval/mAP_{k}": v for k, v in summary["mAP"].items()}})
+            _write_eval(writer, step, summary)
         if eval_now or step % int(config.train.checkpoint_every_steps) == 0:
             guard.flush()
             if guard.exhausted:
@@ -546,6 +543,12 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
     if summary is None:  # resumed after the last step: report the saved figures
         summary = evaluate(config, workdir)
     return summary
+
+
+def _write_eval(writer, step: int, summary: dict):
+    # Tags eval/mAP_0.30 etc.: "@" is no legal TensorBoard tag.
+    writer.write_scalars(step, {"eval/average_mAP": summary["average_mAP"],
+                                **{f"eval/mAP_{k}": v for k, v in summary["mAP"].items()}})
 
 
 def check_eval_subset(data_cfg, sources):
