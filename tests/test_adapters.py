@@ -10,7 +10,8 @@ import torch
 
 from tadjax import tree
 from tadjax.models.adapters import (TemporalInformativeAdapter, adapter_width,
-                                    temporal_depthwise_conv, trainable_regex)
+                                    temporal_depthwise_conv, tia_halos, tia_rows,
+                                    trainable_regex)
 from test_vit import apply, frames, random_params, run, tiny
 
 
@@ -50,6 +51,28 @@ def test_tia_matches_torch_reference(residual):
     got = _Wrap(module, videos, t).apply({"params": params}, jnp.asarray(z))
     ref = torch_tia(z, params["adapter"], videos, chunks, t, h, w, residual)
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tia_on_pieces_of_rows_with_their_halos_matches_torch_reference():
+    """The TIA run piece by piece (1, 2 and 3 chunk rows, pieces crossing the border between the
+    2 videos) with the edge activations of the neighbouring chunks (tia_halos) gives the
+    reference's whole-sequence result; without halos, each chunk on its own (chunk_local)."""
+    videos, chunks, t, h, w, c = 2, 3, 4, 2, 3, 16
+    z = np.random.default_rng(1).normal(size=(videos * chunks, t * h * w, c)).astype(np.float32)
+    module = TemporalInformativeAdapter(c, 0.25)
+    p = random_params(_Wrap(module, videos, t), jnp.asarray(z), std=0.5)["adapter"]
+    before, after = tia_halos(p, jnp.asarray(z), videos=videos, time_tokens=t)
+    ref = torch_tia(z, p, videos, chunks, t, h, w, True)
+    for cuts in ([0, 1, 3, 6], [0, 2, 4, 6], [0, 3, 6]):
+        got = np.concatenate([tia_rows(p, jnp.asarray(z[i:j]), before[i:j], after[i:j],
+                                       time_tokens=t) for i, j in zip(cuts, cuts[1:])])
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5, err_msg=str(cuts))
+    # The first chunk of each video reads zeros before it, the last zeros after it.
+    assert not np.any(np.asarray(before)[[0, 3]]) and not np.any(np.asarray(after)[[2, 5]])
+    local = tia_rows(p, jnp.asarray(z), None, None, time_tokens=t)
+    for row in range(videos * chunks):
+        one = torch_tia(z[row:row + 1], p, 1, 1, t, h, w, True)
+        np.testing.assert_allclose(np.asarray(local)[row:row + 1], one, atol=1e-5, rtol=1e-5)
 
 
 class _Wrap:

@@ -11,6 +11,11 @@ The depthwise convolution crosses the 16-frame chunk boundaries (that is the poi
 zeros are padded only at the two ends of the window. The side ("ladder") variant uses the same
 module without the outer `z +` residual.
 
+Since the conv reaches one temporal token into each neighbouring chunk, the TIA of any set of
+whole chunk rows needs from outside them only the bottleneck activations of those two edge tokens
+(`tia_halos`); `tia_rows` then runs it row-locally, which lets the backbone compute it a few rows
+at a time together with the next block's attention (vit.Block.mix_rows).
+
 Parameter names (the public path API): `down/{kernel,bias}` [C, C_r], `dwconv/{kernel,bias}`
 with the kernel laid out like a flax 1-D depthwise conv, [3, 1, C_r] (PyTorch [C_r, 1, 3] transposed),
 `pwconv/{kernel,bias}` [C_r, C_r] (a 1x1 conv as a dense layer), `up/{kernel,bias}` [C_r, C], and
@@ -43,21 +48,85 @@ def adapter_width(embed_dim: int, ratio: float) -> int:
     return width
 
 
-def temporal_depthwise_conv(a: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """Depthwise cross-correlation with kernel 3 along axis 1, zero padding 1 at both ends.
+def temporal_depthwise_conv(a: jax.Array, kernel: jax.Array, bias: jax.Array,
+                            before: jax.Array | None = None, after: jax.Array | None = None
+                            ) -> jax.Array:
+    """Depthwise cross-correlation with kernel 3 along axis 1.
 
     a: [B, L, ..., C]; kernel: [3, 1, C] (flax depthwise layout); bias: [C].
-    out[:, l] = k[0]·a[:, l-1] + k[1]·a[:, l] + k[2]·a[:, l+1] + b, with a[:, -1] = a[:, L] = 0.
+    out[:, l] = k[0]·a[:, l-1] + k[1]·a[:, l] + k[2]·a[:, l+1] + b, where a[:, -1] is `before`
+    and a[:, L] is `after` ([B, ..., C]: the neighbouring elements of a longer sequence that `a`
+    is a piece of), zeros where they are None (zero padding at both ends).
     Written with shifts instead of a convolution so no transpose of the large activation is needed.
     """
     k = kernel.reshape(3, kernel.shape[-1]).astype(a.dtype)
-    pad = [(0, 0)] * a.ndim
-    pad[1] = (1, 1)
-    padded = jnp.pad(a, pad)
     length = a.shape[1]
-    prev = jax.lax.slice_in_dim(padded, 0, length, axis=1)
-    nxt = jax.lax.slice_in_dim(padded, 2, length + 2, axis=1)
+
+    def edge(e):
+        if e is None:
+            return jnp.zeros_like(jax.lax.slice_in_dim(a, 0, 1, axis=1))
+        return jnp.expand_dims(e.astype(a.dtype), 1)
+
+    prev = jnp.concatenate([edge(before), jax.lax.slice_in_dim(a, 0, length - 1, axis=1)], 1)
+    nxt = jnp.concatenate([jax.lax.slice_in_dim(a, 1, length, axis=1), edge(after)], 1)
     return prev * k[0] + a * k[1] + nxt * k[2] + bias.astype(a.dtype)
+
+
+# ----------------------------------------------------------------------------- the TIA's arithmetic
+# Pure functions of the TIA's parameter dict ({down, dwconv, pwconv, up, gamma}, the paths of the
+# module below), so that a caller holding the parameters (a checkpointed unit of the backbone) can
+# run the TIA on a few chunk rows at a time. The module computes through them too.
+
+def _dense(p, x: jax.Array, dtype) -> jax.Array:
+    """flax nn.Dense(dtype=dtype, param_dtype=float32) with parameters p = {kernel, bias}."""
+    x = x.astype(dtype)
+    y = jax.lax.dot_general(x, p["kernel"].astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    return y + p["bias"].astype(dtype)
+
+
+def tia_bottleneck(p, z: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """a = GELU_exact(z W_down + b_down): [..., C] -> [..., C_r]."""
+    return nn.gelu(_dense(p["down"], z, dtype), approximate=False)
+
+
+def tia_halos(p, z: jax.Array, *, videos: int, time_tokens: int, dtype=jnp.float32):
+    """(before, after), each [rows, h·w, C_r]: for every chunk row of z [videos·K, t·h·w, C],
+    the bottleneck activations of the temporal token just before its first and just after its
+    last one in the same video (zeros at the video's two ends): what the depthwise conv of that
+    row reads from its neighbouring chunks. Computed from the two edge slices of each row only."""
+    rows, tokens, channels = z.shape
+    sites = tokens // time_tokens
+    edges = z.reshape(rows, time_tokens, sites, channels)
+    first = tia_bottleneck(p, edges[:, 0], dtype)       # [rows, h·w, C_r]
+    last = tia_bottleneck(p, edges[:, -1], dtype)
+    per_video = (videos, rows // videos) + first.shape[1:]
+    first, last = first.reshape(per_video), last.reshape(per_video)
+    before = jnp.pad(last[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))   # row k reads row k-1
+    after = jnp.pad(first[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))    # row k reads row k+1
+    return before.reshape((rows,) + before.shape[2:]), after.reshape((rows,) + after.shape[2:])
+
+
+def tia_rows(p, z: jax.Array, before: jax.Array | None, after: jax.Array | None, *,
+             time_tokens: int, residual: bool = True, dtype=jnp.float32) -> jax.Array:
+    """The TIA on whole chunk rows z [R, t·h·w, C] (any R of them), their neighbours' edge
+    activations given as `before`/`after` [R, h·w, C_r] (tia_halos; None: zeros, i.e. each row
+    on its own, the chunk-local conv). Returns z's shape."""
+    rows, tokens, channels = z.shape
+    a = tia_bottleneck(p, z, dtype)
+    a = a.reshape(rows, time_tokens, tokens // time_tokens, a.shape[-1])
+    u = temporal_depthwise_conv(a, p["dwconv"]["kernel"], p["dwconv"]["bias"], before, after)
+    u = _dense(p["pwconv"], u, dtype)
+    out = _dense(p["up"], (a + u).reshape(rows, tokens, a.shape[-1]), dtype)
+    out = out * p["gamma"].astype(out.dtype)
+    return z + out if residual else out
+
+
+def tia(p, z: jax.Array, *, videos: int, time_tokens: int, chunk_local: bool = False,
+        residual: bool = True, dtype=jnp.float32) -> jax.Array:
+    """The TIA on z [videos·K, t·h·w, C] (see TemporalInformativeAdapter)."""
+    halos = ((None, None) if chunk_local else
+             tia_halos(p, z, videos=videos, time_tokens=time_tokens, dtype=dtype))
+    return tia_rows(p, z, *halos, time_tokens=time_tokens, residual=residual, dtype=dtype)
 
 
 class TemporalDepthwiseConv(nn.Module):
@@ -113,19 +182,16 @@ class TemporalInformativeAdapter(nn.Module):
             return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name,
                             kernel_init=kernel_init, bias_init=nn.initializers.zeros)
 
-        a = dense(width, "down", trunc_normal(0.02))(z)
-        a = nn.gelu(a, approximate=False)
-        if self.chunk_local:
-            a = a.reshape(rows, time_tokens, tokens // time_tokens, width)
-        else:
-            a = a.reshape(videos, (rows // videos) * time_tokens, tokens // time_tokens, width)
-        u = TemporalDepthwiseConv(width, name="dwconv")(a)
-        u = dense(width, "pwconv", nn.initializers.normal(math.sqrt(2.0 / width)))(u)
-        a = (a + u).reshape(rows, tokens, width)
-        out = dense(channels, "up", nn.initializers.zeros)(a)
-        gamma = self.param("gamma", nn.initializers.ones, (), jnp.float32)
-        out = out * gamma.astype(out.dtype)
-        return z + out if self.residual else out
+        layers = [(dense(width, "down", trunc_normal(0.02)), channels),
+                  (TemporalDepthwiseConv(width, name="dwconv"), width),
+                  (dense(width, "pwconv", nn.initializers.normal(math.sqrt(2.0 / width))), width),
+                  (dense(channels, "up", nn.initializers.zeros), width)]
+        self.param("gamma", nn.initializers.ones, (), jnp.float32)
+        if self.is_initializing():  # the layers create their parameters on a first call
+            for layer, inputs in layers:
+                layer(jnp.zeros((1, 1, inputs), self.dtype))
+        return tia(self.variables["params"], z, videos=videos, time_tokens=time_tokens,
+                   chunk_local=self.chunk_local, residual=self.residual, dtype=self.dtype)
 
 
 def trainable_regex(mode: str, prefix: str = "backbone") -> list[str]:

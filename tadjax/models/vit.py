@@ -45,7 +45,8 @@ import flax.linen as nn
 import numpy as np
 
 from tadjax.models.attention import chunk_attention
-from tadjax.models.adapters import ADAPTER_MODES, TemporalInformativeAdapter, trunc_normal
+from tadjax.models.adapters import (ADAPTER_MODES, TemporalInformativeAdapter, tia_halos,
+                                    tia_rows, trunc_normal)
 from tadjax.models.lora import LoRADense
 from tadjax.models.remat import REMAT_POLICIES, remat, remat_narrow_input
 
@@ -283,6 +284,78 @@ def map_row_groups(fn, args: tuple, groups: int, row_axes: Sequence[str] = ()):
     return constrain_rows(out, row_axes)
 
 
+def map_row_groups_recompute(fn, trained, frozen, x, diff_rows=(), const_rows=(), *,
+                             groups: int, row_axes: Sequence[str] = ()):
+    """fn(trained, frozen, rows, diff_rows, const_rows) -> rows' (x's row shape) computed one
+    group of rows at a time (the groups of `map_row_groups`), for a row-local fn; the backward
+    pass recomputes each group from its inputs and back-propagates it before the next
+    (checkpoint "full" per group).
+
+    Unlike `lax.map` under `jax.checkpoint`, which stacks its outputs in a zero-filled buffer of
+    their own (that XLA:CPU copies once more per loop), the forward pass writes each group's
+    output over its input rows, and the backward pass each group's input cotangent over its
+    output cotangent, in place: XLA copies x only where x is still needed afterwards.
+
+    Gradients flow to `trained` (a pytree), x and `diff_rows` (row-aligned arrays, e.g. the
+    TIA's halos); `frozen` (a pytree: frozen weights, gates, rates) and `const_rows` (e.g.
+    drop-path masks) get none.
+    """
+    rows = x.shape[0]
+    devices = row_devices(row_axes, rows)
+    size = rows // (devices * groups)
+
+    def view(a):  # [rows, ...] -> [devices, groups, size, ...] (a reshape: no copy)
+        return constrain_rows(a.reshape((devices, groups, size) + a.shape[1:]), row_axes)
+
+    def take(v, g):  # group g of a view -> [devices·size, ...]
+        part = jax.lax.dynamic_index_in_dim(v, g, axis=1, keepdims=False)
+        return constrain_rows(part.reshape((devices * size,) + v.shape[3:]), row_axes)
+
+    def put(v, g, part):
+        part = part.reshape((devices, 1, size) + part.shape[1:])
+        return constrain_rows(jax.lax.dynamic_update_slice_in_dim(v, part, g, axis=1), row_axes)
+
+    def group_fn(trained, frozen, g, xv, diff_v, const_v):
+        return fn(trained, frozen, take(xv, g), tuple(take(a, g) for a in diff_v),
+                  tuple(take(a, g) for a in const_v))
+
+    @jax.custom_vjp
+    def run(trained, frozen, x, diff_rows, const_rows):
+        diff_v, const_v = tuple(map(view, diff_rows)), tuple(map(view, const_rows))
+
+        def body(g, xv):  # group g's rows are read, then overwritten with its output
+            return put(xv, g, group_fn(trained, frozen, g, xv, diff_v, const_v))
+
+        return jax.lax.fori_loop(0, groups, body, view(x)).reshape(x.shape)
+
+    def forward(trained, frozen, x, diff_rows, const_rows):
+        return run(trained, frozen, x, diff_rows, const_rows), (trained, frozen, x, diff_rows,
+                                                                 const_rows)
+
+    def backward(saved, ct):
+        trained, frozen, x, diff_rows, const_rows = saved
+        xv, diff_v, const_v = view(x), tuple(map(view, diff_rows)), tuple(map(view, const_rows))
+
+        def body(g, carry):
+            ct_v, d_trained, d_diff = carry
+            _, vjp = jax.vjp(lambda t, xg, dg: fn(t, frozen, xg, dg,
+                                                  tuple(take(a, g) for a in const_v)),
+                             trained, take(xv, g), tuple(take(a, g) for a in diff_v))
+            dt, dx, dd = vjp(take(ct_v, g))
+            d_trained = jax.tree_util.tree_map(jnp.add, d_trained, dt)
+            d_diff = tuple(put(b, g, d) for b, d in zip(d_diff, dd))
+            return put(ct_v, g, dx), d_trained, d_diff
+
+        init = (view(ct.astype(x.dtype)), jax.tree_util.tree_map(jnp.zeros_like, trained),
+                tuple(jnp.zeros_like(a) for a in diff_v))
+        ct_v, d_trained, d_diff = jax.lax.fori_loop(0, groups, body, init)
+        return (d_trained, None, ct_v.reshape(x.shape),
+                tuple(d.reshape(a.shape) for d, a in zip(d_diff, diff_rows)), None)
+
+    run.defvjp(forward, backward)
+    return run(trained, frozen, x, tuple(diff_rows), tuple(const_rows))
+
+
 class Block(nn.Module):
     """Pre-LN ViT block, then (optionally) its TIA: y = TIA(Block(x)).
 
@@ -291,10 +364,13 @@ class Block(nn.Module):
     the same masks.
 
     `chunk_group` > 0 computes attention + MLP (which are local to each chunk row) for at most
-    that many rows per device at a time (`map_row_groups`; devices: `row_devices`), each group
-    under `jax.checkpoint` with `remat_policy` ("full" when it is "none"), so that neither the forward nor the backward pass
-    holds more than one group's attention scores; the TIA, which mixes chunks, then runs over
-    the whole sequence. The values are those of the ungrouped block.
+    that many rows per device at a time (devices: `row_devices`), so that neither the forward
+    nor the backward pass holds more than one group's attention scores. With remat_policy
+    "full" or "none" the groups run in `map_row_groups_recompute` (each recomputed in the
+    backward pass, outputs and cotangents written in place), otherwise in `map_row_groups`
+    under `jax.checkpoint` with the policy. A TIA run through `mix_rows` (the backbone's units:
+    the previous block's TIA, then this block's attention + MLP) runs in the same groups, made
+    row-local by its halos (adapters.tia_halos). The values are those of the ungrouped block.
     """
 
     embed_dim: int
@@ -337,30 +413,73 @@ class Block(nn.Module):
         x = self.mix_rows(x, drop_key, drop_rate, use_drop_path=use_drop_path)
         return self.adapt(x, videos=videos, time_tokens=time_tokens)
 
-    def mix_rows(self, x, drop_key, drop_rate, *, use_drop_path: bool):
+    def mix_rows(self, x, drop_key, drop_rate, *, use_drop_path: bool, adapter=None,
+                 keep_adapter=None, keep=None, mix: bool = True, videos: int = 1,
+                 time_tokens: int = 1, trained_keys: tuple[str, ...] | None = None):
         """Attention + MLP (with their residuals) of every chunk row, in chunk groups (see the
-        class docstring). Reads no adapter parameters."""
+        class docstring). Reads no adapter parameters of its own.
+
+        adapter: parameters of a TIA (the previous block's) to run first, in the same chunk
+        groups: each row's temporal conv reads one bottleneck row from each neighbouring chunk,
+        computed beforehand for all rows (adapters.tia_halos), so the TIA too is row-local and
+        neither it nor its backward pass holds a full-length temporary. keep_adapter / keep:
+        traced bools gating the TIA / the attention + MLP (False: identity; None: always on).
+        mix=False: the TIA alone. trained_keys: which of "adapter" / "mix" get gradients
+        (None: both); the others are not differentiated (frozen weights).
+        """
         x = constrain_rows(x, self.row_axes)
+        if self.is_initializing():
+            if adapter is not None or not mix:
+                raise ValueError("Block.mix_rows: the adapter runs here only after init")
+            masks = (tuple(drop_path_mask(k, drop_rate, x.shape)
+                           for k in jax.random.split(drop_key)) if use_drop_path else ())
+            return self.mix(x, *masks, *((drop_rate,) if use_drop_path else ()))
+        use_drop_path = use_drop_path and mix
         # The drop-path masks of every row are drawn here, whatever the grouping.
         masks = (tuple(drop_path_mask(k, drop_rate, x.shape) for k in jax.random.split(drop_key))
                  if use_drop_path else ())
         rate = (drop_rate,) if use_drop_path else ()
+        halos = ()
+        if adapter is not None and not self.adapter_chunk_local:
+            halos = tuple(constrain_rows(h, self.row_axes) for h in tia_halos(
+                adapter, x, videos=videos, time_tokens=time_tokens, dtype=self.dtype))
+        params = {"mix": {k: v for k, v in self.variables["params"].items() if k != "adapter"}}
+        if adapter is not None:
+            params["adapter"] = adapter
+        bare = self.clone(parent=None, chunk_group=0, adapter_ratio=None)
+
+        def gate(flag, fn, rows):
+            return fn(rows) if flag is None else jax.lax.cond(flag, fn, lambda r: r, rows)
+
+        def rows_fn(params, consts, rows, row_halos, row_masks):
+            (keep_adapter, keep), rate = consts
+            if "adapter" in params:
+                rows = gate(keep_adapter, lambda r: tia_rows(
+                    params["adapter"], r, *(row_halos or (None, None)), time_tokens=time_tokens,
+                    dtype=self.dtype), rows)
+            if mix:
+                rows = gate(keep, lambda r: bare.apply({"params": params["mix"]}, r, *row_masks,
+                                                       *rate, method=Block.mix), rows)
+            return rows
+
+        consts = ((keep_adapter, keep), rate)
         # chunk_group rows per device: as many groups as one device's share needs.
         per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
         groups = row_groups(per_device, self.chunk_group)
-        if groups == 1 or self.is_initializing():
-            x = self.mix(x, *masks, *rate)
-        else:
-            mix_params = {k: v for k, v in self.variables["params"].items() if k != "adapter"}
-            bare = self.clone(parent=None, chunk_group=0, adapter_ratio=None)
+        if groups == 1:
+            x = rows_fn(params, consts, x, halos, masks)
+        elif self.remat_policy in ("none", "full"):  # each group recomputed in the backward pass
+            trained = {k: v for k, v in params.items() if trained_keys is None or k in trained_keys}
+            frozen = ({k: v for k, v in params.items() if k not in trained}, consts)
+            x = map_row_groups_recompute(
+                lambda t, f, r, dr, cr: rows_fn({**f[0], **t}, f[1], r, dr, cr),
+                trained, frozen, x, halos, masks, groups=groups, row_axes=self.row_axes)
+        else:  # each group under jax.checkpoint with the policy (e.g. "dots": matmuls kept)
+            def one_group(rows, *row_args):
+                return rows_fn(params, consts, rows, row_args[len(masks):], row_args[:len(masks)])
 
-            def mix(rows, *row_masks):
-                return bare.apply({"params": mix_params}, rows, *row_masks, *rate,
-                                  method=Block.mix)
-
-            policy = "full" if self.remat_policy == "none" else self.remat_policy
-            x = map_row_groups(remat(mix, policy, prevent_cse=False), (x, *masks), groups,
-                               self.row_axes)
+            x = map_row_groups(remat(one_group, self.remat_policy, prevent_cse=False),
+                               (x, *masks, *halos), groups, self.row_axes)
         return constrain_rows(x, self.row_axes)
 
     def adapt(self, x, *, videos: int, time_tokens: int):
@@ -403,9 +522,8 @@ class VisionTransformer(nn.Module):
         a block-dropped parameter tree (tadjax.surgery.drop_blocks) loads into a model with the
         same `depth` and the kept indices here.
       lora_rank: rank of the LoRA branches on attn/qkv and attn/proj (0: none).
-      chunk_group: > 0: each block computes attention + MLP for at most this many chunk rows
-        per device at a time, then its TIA over the whole sequence (see Block); 0: all rows at
-        once. The rows are those of every video of the batch; the devices are those of
+      chunk_group: > 0: each block computes its attention + MLP, and the TIA before them, for
+        at most this many chunk rows per device at a time (see Block); 0: all rows at once. The rows are those of every video of the batch; the devices are those of
         `row_axes` in the mesh set with `jax.set_mesh` (without one: all devices, see
         row_devices), so that with D devices a group takes chunk_group rows from each.
       remat_input_dtype: None / "": with remat_policy "full", each block keeps its input for the
@@ -608,7 +726,8 @@ class VisionTransformer(nn.Module):
         # groups (each group's attention + MLP is checkpointed on its own) they run twice in
         # all (forward, and once more when back-propagated), not three times. And unit 0,
         # whose input gets no gradient, is never recomputed or back-propagated unless the ViT
-        # itself trains.
+        # itself trains. A unit's TIA runs inside its chunk groups (Block.mix_rows), so with
+        # chunk groups no full-length TIA temporary exists, forward or backward.
         mixer = Block(**{**self._block_kwargs(kept[0]), "adapter_ratio": None}, parent=None)
 
         def adapter_fn(p, h, i):
@@ -616,12 +735,19 @@ class VisionTransformer(nn.Module):
             return block.apply({"params": {"adapter": p}}, h, videos=videos,
                                time_tokens=time_tokens, method=Block.adapt)
 
-        def unit_fn(p, h, key, rate, keep_prev, keep, prev):
-            if "adapter" in p:
-                h = gated(lambda h: adapter_fn(p["adapter"], h, prev), keep_prev, h)
-            return gated(lambda h: mixer.apply({"params": p["mix"]}, h, key, rate,
-                                               use_drop_path=use_drop_path, method=Block.mix_rows),
-                         keep, h)
+        def unit_fn(p, h, key, rate, keep_prev, keep, adapter_only=False):
+            def run(h):
+                return mixer.apply({"params": p["mix"]}, h, key, rate, use_drop_path=use_drop_path,
+                                   adapter=p.get("adapter"), mix=not adapter_only,
+                                   keep_adapter=None if block_mask is None else keep_prev,
+                                   keep=None if block_mask is None else keep,
+                                   videos=videos, time_tokens=time_tokens,
+                                   trained_keys=self._unit_grad_keys(), method=Block.mix_rows)
+
+            if block_mask is None:
+                return run(h)
+            active = keep_prev if adapter_only else (keep | keep_prev if "adapter" in p else keep)
+            return jax.lax.cond(active, run, lambda h: h, h)
 
         def unit_params(j):
             p = {"mix": {k: v for k, v in params[kept[j]].items() if k != "adapter"}}
@@ -654,8 +780,7 @@ class VisionTransformer(nn.Module):
                 outputs[str(i)] = y
 
         for (first, _, prev_tapped), units in runs:
-            prev_of = units[0] - 1  # a run's units share the structure of their previous block
-            fn = functools.partial(unit_fn, prev=kept[prev_of] if prev_of >= 0 else kept[0])
+            fn = unit_fn
             if self.remat_input_dtype:
                 fn = remat_narrow_input(fn, jnp.dtype(self.remat_input_dtype),
                                         grad_keys=self._unit_grad_keys())
@@ -686,9 +811,12 @@ class VisionTransformer(nn.Module):
                         record(kept[j - 1], previous_output(j, p, x, keep_prev[n]))
                     x = fn(p, x, keys[cur[n]], rates[cur[n]], keep_prev[n], keep_flags[cur[n]])
         last = kept[-1]
-        if has_adapter[last]:
-            final = remat(lambda p, h: adapter_fn(p, h, last), self.remat_policy)
-            x = gated(lambda h: final(params[last]["adapter"], h), keep_flags[last], x)
+        if has_adapter[last]:  # the last TIA, on its own, in the same chunk groups
+            final = remat(lambda p, h: unit_fn(p, h, keys[last], rates[last], keep_flags[last],
+                                               keep_flags[last], adapter_only=True),
+                          self.remat_policy)
+            mix_params = {k: v for k, v in params[last].items() if k != "adapter"}  # not read
+            x = final({"mix": mix_params, "adapter": params[last]["adapter"]}, x)
         record(last, x)
         return x, taps, outputs
 
