@@ -263,3 +263,17 @@ def test_rows_split_over_a_mesh_give_the_same_values_and_gradients():
                           cwd=pathlib.Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_scanned_frozen_weights_are_not_stacked():
+    """A scan over units picks each unit's frozen attention/MLP weights (lax.switch) instead of
+    stacking them all (a copy of the ViT per step): with weights far larger than the
+    activations, the adapter gradient's temporaries stay under half the stack's size; with the
+    ViT trained (its gradients are stacked anyway) they do not."""
+    x = jax.ShapeDtypeStruct((1, 16, 16, 16, 3), jnp.float32)
+    model = tiny(depth=6, embed_dim=64, mlp_dim=256, remat_policy="full", scan_blocks=True)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    per_block = 64 * 3 * 64 + 64 * 64 + 2 * 64 * 256  # qkv, proj, fc1, fc2 kernels
+    stack = 5 * per_block * 4  # units 1-5 (one scan), float32
+    assert grad_temp_bytes(model, x, params) < stack // 2
+    assert grad_temp_bytes(model.clone(adapter_mode="adapter_full"), x, params) > stack

@@ -511,7 +511,8 @@ class VisionTransformer(nn.Module):
         adapter.
       scan_blocks: run each run of consecutive same-structure blocks with `lax.scan` over the
         stacked block parameters (stored unstacked as blocks_0 .. blocks_{depth-1}; the stack is
-        one extra copy of those parameters per step). XLA:CPU compiled temp memory for the ViT-S
+        one extra copy of those parameters per step, except for frozen ViT weights, which each
+        unit picks from the unstacked ones with lax.switch). XLA:CPU compiled temp memory for the ViT-S
         adapter gradient at 256 frames, 160 px: 13.6 GiB unrolled with or without remat "full",
         1.8 GiB scanned with remat "full" (3.7 GiB with "dots").
       dtype: computation dtype; parameters are float32, the residual stream stays float32.
@@ -779,8 +780,22 @@ class VisionTransformer(nn.Module):
             if collect:
                 outputs[str(i)] = y
 
+        # In a scan, frozen attention/MLP weights are not stacked (a copy of them all, each
+        # step: the ViT's size again in temporaries) but picked inside the unit by lax.switch
+        # on the unit's position (a copy of one block's weights at a time).
+        pick_mix = self.scan_blocks and "mix" not in (self._unit_grad_keys() or ("mix",))
+
+        def picking_unit_fn(p, h, *rest):
+            """unit_fn with p["mix"] picked from p["mixes"] (every unit's of the run, explicit
+            so that a custom VJP receives them) by p["mix_index"]."""
+            mixes, index = p["mixes"], p["mix_index"]
+            p = {k: v for k, v in p.items() if k not in ("mixes", "mix_index")}
+            p["mix"] = jax.lax.switch(index, [functools.partial(lambda m: m, m) for m in mixes])
+            return unit_fn(p, h, *rest)
+
         for (first, _, prev_tapped), units in runs:
-            fn = unit_fn
+            pick = pick_mix and len(units) > 1
+            fn = picking_unit_fn if pick else unit_fn
             if self.remat_input_dtype:
                 fn = remat_narrow_input(fn, jnp.dtype(self.remat_input_dtype),
                                         grad_keys=self._unit_grad_keys())
@@ -791,11 +806,18 @@ class VisionTransformer(nn.Module):
             prev = np.asarray([kept[j - 1] if j else kept[0] for j in units])
             keep_prev = keep_flags[prev] if not first else jnp.ones((len(units),), bool)
             if self.scan_blocks:
-                stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                                 *[unit_params(j) for j in units])
+                per_unit = [unit_params(j) for j in units]
+                if pick:
+                    per_unit = [{**{k: v for k, v in q.items() if k != "mix"},
+                                 "mix_index": jnp.int32(n)} for n, q in enumerate(per_unit)]
+                stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_unit)
 
-                def body(h, xs, fn=fn, need_prev=need_prev, j0=units[0]):
+                mixes = [unit_params(j)["mix"] for j in units] if pick else None
+
+                def body(h, xs, fn=fn, need_prev=need_prev, j0=units[0], mixes=mixes):
                     p, key, rate, kp, k = xs
+                    if mixes is not None:
+                        p = {**p, "mixes": mixes}
                     y = previous_output(j0, p, h, kp) if need_prev else None
                     return fn(p, h, key, rate, kp, k), y
 
