@@ -356,3 +356,15 @@ def test_chunk_attention_matches_jax_attention_values_and_gradients():
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
     with pytest.raises(ValueError, match="chunk_attention"):
         chunk_attention(q, k[:, :10], v)
+
+
+def test_model_modules_do_not_import_the_data_or_checkpoint_stack():
+    """Notebook use of the models (and `bench reference`'s memory) should not pay for grain,
+    TFDS, orbax and tensorstore (~40 MB resident)."""
+    import subprocess
+    import sys
+    code = ("import sys, tadjax.models.detector, tadjax.models.vit, tadjax.train.optimizer; "
+            "print([m for m in ('grain', 'tensorflow_datasets', 'orbax.checkpoint', 'tensorstore')"
+            " if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

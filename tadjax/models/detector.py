@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from tadjax.data import loader as loader_lib
 from tadjax.models import actionformer, vit
 
 # 0-255 RGB normalisation of the reference (mmaction ActionDataPreprocessor).
@@ -80,6 +79,7 @@ def build_detector(config) -> Detector:
     """The detector for a full config: the grid length T comes from `config.data`."""
     model_cfg = config.model
     dtype = DTYPES[model_cfg.dtype]
+    from tadjax.data import loader as loader_lib  # here: the data stack is heavy to import
     length = loader_lib.grid_length(config.data)
     head_cfg = dict(model_cfg.head.to_dict(), max_seq_len=length)
     name = model_name(config)
@@ -111,6 +111,7 @@ def sampled_grad_options(config) -> dict:
 def input_shapes(config, batch_size: int):
     """Shapes (frames, mask) of a batch for `config`, without reading data."""
     d = config.data
+    from tadjax.data import loader as loader_lib
     frames = loader_lib.num_input_frames(d)
     size = int(d.img_size)
     return (batch_size, frames, size, size, 3), (batch_size, loader_lib.grid_length(d))
@@ -121,5 +122,6 @@ def points_for(config) -> np.ndarray:
     m = config.model
     if model_name(config) == "etad":  # anchors live in the ETAD head, not on points
         return np.zeros((0, 4), np.float32)
+    from tadjax.data import loader as loader_lib
     return points_lib.make_points(loader_lib.grid_length(config.data), strides=tuple(m.strides),
                                   regress_ranges=tuple(tuple(r) for r in m.regress_ranges))
