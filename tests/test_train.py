@@ -78,3 +78,22 @@ def test_training_lowers_loss_and_beats_untrained(tiny_synthetic, tmp_path):
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
     assert before[1]["eval/average_mAP"] == pytest.approx(after["average_mAP"])
     assert after["average_mAP"] > before[0]["eval/average_mAP"] + 0.05, (before, after)
+
+
+def test_background_compiled_step_and_its_fallbacks():
+    """The trainer compiles its step in a background thread; if that fails, or the compiled
+    step rejects the arguments, the jitted step (compiling at its call) takes over."""
+    import concurrent.futures
+    import jax.numpy as jnp
+
+    step = jax.jit(lambda s, b: (s + b, jnp.sum(b)))
+    failed = concurrent.futures.Future()
+    failed.set_exception(RuntimeError("no memory"))
+    assert trainer._compiled_or(step, failed) is step
+    done = concurrent.futures.Future()
+    done.set_result(step.lower(jnp.zeros(3), jnp.zeros(3)).compile())
+    wrapped = trainer._compiled_or(step, done)
+    np.testing.assert_array_equal(wrapped(jnp.ones(3), jnp.ones(3))[0], 2 * np.ones(3))
+    # Other shapes than compiled for: the jitted step from then on.
+    np.testing.assert_array_equal(wrapped(jnp.ones(4), jnp.ones(4))[0], 2 * np.ones(4))
+    np.testing.assert_array_equal(wrapped(jnp.ones(3), jnp.ones(3))[0], 2 * np.ones(3))

@@ -408,6 +408,53 @@ class PreemptionWatch:
             self._previous = None
 
 
+def step_of(state) -> int:
+    return int(state["step"])
+
+
+def _compile_in_background(run, train_step, state):
+    """A future of train_step lowered and compiled (under the run's mesh) for the state's and
+    the training batch's shapes and shardings."""
+    import concurrent.futures
+    batch = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                         run.abstract_batch(), run.batch_shardings())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=a.sharding, weak_type=getattr(a, "weak_type", False)), state)
+
+    def compile_step():
+        with jax.set_mesh(run.mesh):
+            return train_step.lower(abstract, batch).compile()
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
+    future = pool.submit(compile_step)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _compiled_or(train_step, future):
+    """The background-compiled step; the jitted one (compiling at its first call) if that
+    failed, with the reason in the log."""
+    try:
+        compiled = future.result()
+    except Exception as e:  # noqa: BLE001 - a fallback, not a silent one
+        logging.warning("compiling the train step in the background failed (%s: %s); "
+                        "compiling it at the first step instead", type(e).__name__, e)
+        return train_step
+
+    use = [compiled]
+
+    def step(state, batch):
+        if use[0] is not None:
+            try:
+                return use[0](state, batch)
+            except (TypeError, ValueError) as e:  # arguments unlike the compiled ones
+                logging.warning("the background-compiled train step rejected the arguments "
+                                "(%s); compiling it again", e)
+                use[0] = None
+        return train_step(state, batch)
+    return step
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> dict | None:
     """Train (resuming from WORKDIR's latest checkpoint) and evaluate; returns the last summary.
 
@@ -463,9 +510,12 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
                  f"{n_total:,}", f"{n_train:,}", spe, end_step)
     train_step = run.make_train_step(tx)
     predict_step = run.make_predict_step(int(config.eval.batch_size))
+    # The train step compiles in a background thread (XLA releases the GIL) while this one
+    # evaluates the starting weights, builds the first batch, etc.
+    compiling = _compile_in_background(run, train_step, state) if step_of(state) < end_step else None
     config_json = config.to_json_best_effort()
 
-    step = int(state["step"])
+    step = step_of(state)
     progress = Progress(end_step, step)
     frames_per_batch = int(np.prod(detector_lib.input_shapes(config, int(config.data.batch_size))[0][:2]))
     t_log, n_log = time.time(), 0
@@ -495,6 +545,9 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
             return None
         batch = next(train_iter)
         batch = run.global_batch(batch)
+        if compiling is not None:
+            train_step = _compiled_or(train_step, compiling)
+            compiling = None
         # Traced under the mesh, so that the backbone's row_axes constraints apply.
         with jax.set_mesh(run.mesh):
             state, metrics = train_step(state, batch)
