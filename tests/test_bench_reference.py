@@ -7,6 +7,7 @@ from tadjax.tools.bench import load_config
 REPO_CONFIG = "configs/demo.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["tadjax", "torch"])
 def test_reference_sides_run_and_report(side):
     import os

@@ -80,6 +80,7 @@ def test_actor_token_class_is_its_motion():
     assert checked >= 5
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_loadable_backbone(tmp_path):
     from tadjax import convert, surgery, tree
     from tadjax.tools import pretrain_synthetic

@@ -116,6 +116,7 @@ def test_vit_chunk_local_adapters_are_chunk_independent():
     assert np.abs(both - alone).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_detector_option_ratio_one_equals_full_backprop():
     """config.train.sampled_grad_ratio on the AdaTAD detector: at ratio 1 the gradient of every
     trainable leaf (chunk-local TIAs and the head) equals ordinary back-propagation; without
