@@ -428,22 +428,21 @@ class Block(nn.Module):
         (None: both); the others are not differentiated (frozen weights).
         """
         x = constrain_rows(x, self.row_axes)
-        if self.is_initializing():
-            if adapter is not None or not mix:
-                raise ValueError("Block.mix_rows: the adapter runs here only after init")
-            masks = (tuple(drop_path_mask(k, drop_rate, x.shape)
-                           for k in jax.random.split(drop_key)) if use_drop_path else ())
-            return self.mix(x, *masks, *((drop_rate,) if use_drop_path else ()))
         use_drop_path = use_drop_path and mix
         # The drop-path masks of every row are drawn here, whatever the grouping.
         masks = (tuple(drop_path_mask(k, drop_rate, x.shape) for k in jax.random.split(drop_key))
                  if use_drop_path else ())
         rate = (drop_rate,) if use_drop_path else ()
+        if self.is_initializing():
+            if adapter is not None or not mix:
+                raise ValueError("Block.mix_rows: the adapter runs here only after init")
+            return self.mix(x, *masks, *rate)
         halos = ()
         if adapter is not None and not self.adapter_chunk_local:
             halos = tuple(constrain_rows(h, self.row_axes) for h in tia_halos(
                 adapter, x, videos=videos, time_tokens=time_tokens, dtype=self.dtype))
-        params = {"mix": {k: v for k, v in self.variables["params"].items() if k != "adapter"}}
+        params = ({"mix": {k: v for k, v in self.variables["params"].items() if k != "adapter"}}
+                  if mix else {})
         if adapter is not None:
             params["adapter"] = adapter
         bare = self.clone(parent=None, chunk_group=0, adapter_ratio=None)
@@ -807,12 +806,11 @@ class VisionTransformer(nn.Module):
             keep_prev = keep_flags[prev] if not first else jnp.ones((len(units),), bool)
             if self.scan_blocks:
                 per_unit = [unit_params(j) for j in units]
+                mixes = [q["mix"] for q in per_unit] if pick else None
                 if pick:
                     per_unit = [{**{k: v for k, v in q.items() if k != "mix"},
                                  "mix_index": jnp.int32(n)} for n, q in enumerate(per_unit)]
                 stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_unit)
-
-                mixes = [unit_params(j)["mix"] for j in units] if pick else None
 
                 def body(h, xs, fn=fn, need_prev=need_prev, j0=units[0], mixes=mixes):
                     p, key, rate, kp, k = xs
@@ -837,7 +835,8 @@ class VisionTransformer(nn.Module):
             final = remat(lambda p, h: unit_fn(p, h, keys[last], rates[last], keep_flags[last],
                                                keep_flags[last], adapter_only=True),
                           self.remat_policy)
-            mix_params = {k: v for k, v in params[last].items() if k != "adapter"}  # not read
+            # The mixer is applied with the last block's weights but reads none of them (mix=False).
+            mix_params = {k: v for k, v in params[last].items() if k != "adapter"}
             x = final({"mix": mix_params, "adapter": params[last]["adapter"]}, x)
         record(last, x)
         return x, taps, outputs

@@ -408,10 +408,6 @@ class PreemptionWatch:
             self._previous = None
 
 
-def step_of(state) -> int:
-    return int(state["step"])
-
-
 def _compile_in_background(run, train_step, state):
     """A future of train_step lowered and compiled (under the run's mesh) for the state's and
     the training batch's shapes and shardings."""
@@ -510,12 +506,13 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
                  f"{n_total:,}", f"{n_train:,}", spe, end_step)
     train_step = run.make_train_step(tx)
     predict_step = run.make_predict_step(int(config.eval.batch_size))
+    step = int(state["step"])
     # The train step compiles in a background thread (XLA releases the GIL) while this one
-    # evaluates the starting weights, builds the first batch, etc.
-    compiling = _compile_in_background(run, train_step, state) if step_of(state) < end_step else None
+    # evaluates the starting weights, builds the first batch, etc. (only if a step will run).
+    will_train = step < end_step and (stop_at_step is None or step < stop_at_step)
+    compiling = _compile_in_background(run, train_step, state) if will_train else None
     config_json = config.to_json_best_effort()
 
-    step = step_of(state)
     progress = Progress(end_step, step)
     frames_per_batch = int(np.prod(detector_lib.input_shapes(config, int(config.data.batch_size))[0][:2]))
     t_log, n_log = time.time(), 0
