@@ -1,7 +1,7 @@
 """Building blocks for `configs/*.py` (each of which is `get_config(arg)` returning a locked ConfigDict).
 
 The config has five sections:
-  data   what the loader reads and how (see tadjax.data.loader.default_data_config)
+  data   what the loader reads and how (see tadjax.data.defaults.default_data_config)
   model  backbone (VideoMAE + adapters), head (ActionFormer), targets and losses
   train  optimizer groups (regex on parameter paths), schedule in epochs, EMA, logging, checkpoints
   eval   post-processing and tIoU thresholds
@@ -147,7 +147,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _data(**overrides):
-    from tadjax.data.loader import default_data_config
+    from tadjax.data.defaults import default_data_config
     d = default_data_config()
     d.update(overrides)
     return d
