@@ -48,7 +48,8 @@ class Detector(nn.Module):
                 self.make_rng("dropout"), normalize=functools.partial(normalize_frames, dtype=self.dtype),
                 ratio=self.sampled_grad_ratio, group=self.sampled_grad_group)
             return vit.resize_features(feats, self.feature_length)
-        feats = self.backbone(normalize_frames(frames, self.dtype), train=train)  # [B, T_f // 2, C]
+        feats = self.backbone(frames, train=train,  # [B, T_f // 2, C]
+                              normalize=functools.partial(normalize_frames, dtype=self.dtype))
         return vit.resize_features(feats.astype(jnp.float32), self.feature_length)
 
     def __call__(self, frames, mask, *, train: bool):

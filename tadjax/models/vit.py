@@ -607,6 +607,11 @@ class VisionTransformer(nn.Module):
                     chunk_group=self.chunk_group, remat_policy=self.remat_policy,
                     row_axes=self.row_axes)
 
+    def _patch_conv(self, **kw) -> nn.Conv:
+        kernel = (self.tubelet, self.patch_size, self.patch_size)
+        return nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID", dtype=self.dtype,
+                       param_dtype=jnp.float32, **kw)
+
     def setup(self):
         self._adapter_indices()  # validates adapter_mode and adapter_blocks
         if self.remat_policy not in REMAT_POLICIES:
@@ -619,9 +624,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.chunk_frames % self.tubelet:
             raise ValueError(f"chunk_frames {self.chunk_frames} is not a multiple of tubelet {self.tubelet}")
-        kernel = (self.tubelet, self.patch_size, self.patch_size)
-        self.patch_embed = nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID",
-                                   dtype=self.dtype, param_dtype=jnp.float32)
+        self.patch_embed = self._patch_conv()
         # A dict keyed by original index: the submodules are named blocks_{i} (flax's naming).
         self.blocks = {str(i): Block(**self._block_kwargs(i)) for i in self.kept_blocks()}
         if self.adapter_mode == "side":
@@ -636,8 +639,11 @@ class VisionTransformer(nn.Module):
     # -- forward
 
     def __call__(self, frames: jax.Array, *, train: bool = False, return_tokens: bool = False,
-                 block_mask: jax.Array | None = None):
-        """frames [B, T_f, H, W, 3], normalised, T_f a multiple of chunk_frames.
+                 block_mask: jax.Array | None = None, normalize=None):
+        """frames [B, T_f, H, W, 3], normalised, T_f a multiple of chunk_frames; or, with
+        `normalize` (frames -> normalised frames, e.g. detector.normalize_frames for 0-255
+        frames), frames as they come (uint8): normalised here in the chunk groups of the patch
+        embedding, so that the float frames (4 x the uint8 ones) never exist all at once.
 
         Returns features [B, T_f // tubelet, C] (float32, spatially averaged, before any
         resize), or (features, tokens [B, K, t·h·w, C]) with return_tokens=True. `block_mask`:
@@ -655,7 +661,7 @@ class VisionTransformer(nn.Module):
                              f"{self.patch_size}-px patch")
         chunks = num_frames // self.chunk_frames
         x = frames.reshape(videos * chunks, self.chunk_frames, height, width, 3)
-        x = self.patch_embed(constrain_rows(x, self.row_axes))  # [B·K, t, h, w, C]; VALID drops remainder pixels
+        x = self._embed(constrain_rows(x, self.row_axes), normalize)  # [B·K, t, h, w, C]; VALID drops remainder pixels
         _, time_tokens, h, w, dim = x.shape
         pos = position_table(dim, time_tokens, self.pretrain_img_size // self.patch_size, (h, w))
         x = x.astype(jnp.float32).reshape(videos * chunks, time_tokens * h * w, dim) + pos
@@ -682,6 +688,25 @@ class VisionTransformer(nn.Module):
         features = tokens.reshape(videos, chunks, time_tokens, h * w, dim).mean(axis=3)
         features = features.reshape(videos, chunks * time_tokens, dim)
         return (features, tokens) if return_tokens else features
+
+    def _embed(self, x, normalize):
+        """Patch embedding of chunk rows [rows, chunk_frames, H, W, 3], `normalize` first (None:
+        frames already normalised); with `normalize` and chunk_group > 0, in the chunk groups of
+        the blocks (row-local, like them), so the normalised frames exist one group at a time.
+        (Already-float frames are embedded at once: grouping them saves nothing, and XLA:CPU
+        then kept more of them.)"""
+        if normalize is None:
+            return self.patch_embed(x)
+        per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
+        groups = row_groups(per_device, self.chunk_group)
+        if groups == 1 or self.is_initializing():
+            return self.patch_embed(normalize(x))
+        params = self.variables["params"]["patch_embed"]
+        if self.adapter_mode in ("adapter", "frozen", "side"):  # frozen, as the embedding's output
+            params = jax.lax.stop_gradient(params)
+        conv = self._patch_conv(parent=None)
+        return map_row_groups(lambda rows: conv.apply({"params": params}, normalize(rows)), (x,),
+                              groups, self.row_axes)
 
     def _drop_inputs(self, train: bool):
         use = bool(train) and self.drop_path_rate > 0

@@ -3,7 +3,9 @@
   python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256]
          [--steps 2] [--json]
 
-Both sides run the same work on random frames [1, frames, px, px, 3]: the VideoMAE ViT with a TIA
+Both sides run the same work on random 0-255 frames [1, frames, px, px, 3], uint8 as both
+pipelines deliver them (decoded video; the reference normalises on the device in its data
+preprocessor, tadjax's detector inside its jitted step): normalisation, the VideoMAE ViT with a TIA
 after every block (the config's size, 160 px for the THUMOS configs), loss = mean of the squared
 pooled features, gradients for the adapters only (the ViT frozen), one AdamW update of the
 adapters. The PyTorch side is our own eager implementation of that network written the way the
@@ -35,6 +37,9 @@ def add_arguments(p):
     p.add_argument("--side", choices=["both", "tadjax", "torch"], default="both",
                    help="run one side in this process (used internally; 'both' spawns one "
                         "process per side)")
+    p.add_argument("--sizes", default="",
+                   help="the network's sizes as JSON (used internally: the PyTorch side's "
+                        "process then imports no JAX, whose memory would count as its own)")
 
 
 def _backbone(config):
@@ -43,17 +48,30 @@ def _backbone(config):
     return detector_lib.build_backbone(config.model.backbone, jnp.dtype(config.model.dtype))
 
 
+def sizes(config) -> dict:
+    """The sizes both sides build (the config's backbone, overrides included) and the frames'
+    normalisation."""
+    from tadjax.models.detector import MEAN, STD
+    vit = _backbone(config)
+    return {"dim": vit.embed_dim, "depth": vit.depth, "heads": vit.num_heads,
+            "hidden": vit.mlp_dim, "patch": vit.patch_size, "px": int(config.data.img_size),
+            "width": int(vit.embed_dim * float(config.model.backbone.adapter_ratio)),
+            "mean": MEAN, "std": STD}
+
+
 def run_tadjax(config, frames: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from tadjax.models.detector import normalize_frames
     from tadjax.train import optimizer as opt_lib
 
     backbone = _backbone(config)
     px = int(config.data.img_size)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, frames, px, px, 3), np.float32))
-    params = jax.jit(backbone.init)(jax.random.key(0), x[:, :16])["params"]
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, frames, px, px, 3), np.uint8))
+    params = jax.jit(backbone.init)(jax.random.key(0),
+                                    normalize_frames(x[:, :16], jnp.float32))["params"]
     mask = jax.tree_util.tree_map_with_path(
         lambda p, _: "adapter" in jax.tree_util.keystr(p), params)
     trainable, frozen = opt_lib.split_trainable(params, mask)
@@ -61,8 +79,8 @@ def run_tadjax(config, frames: int, steps: int) -> dict:
     opt = tx.init(trainable)
 
     def loss_fn(trainable, frozen, x):
-        feats = backbone.apply({"params": opt_lib.merge_trainable(trainable, frozen)}, x,
-                               train=False)
+        feats = backbone.apply({"params": opt_lib.merge_trainable(trainable, frozen)},
+                               normalize_frames(x, jnp.float32), train=False)
         return jnp.mean(jnp.square(feats))
 
     @jax.jit
@@ -80,7 +98,7 @@ def run_tadjax(config, frames: int, steps: int) -> dict:
     return time_steps(one, steps)
 
 
-def run_torch(config, frames: int, steps: int) -> dict:
+def run_torch(size: dict, frames: int, steps: int) -> dict:
     import math
     import numpy as np
     import torch
@@ -88,11 +106,8 @@ def run_torch(config, frames: int, steps: int) -> dict:
     from torch import nn
     from torch.utils.checkpoint import checkpoint
 
-    vit = _backbone(config)  # the same sizes as the tadjax side, overrides included
-    px = int(config.data.img_size)
-    dim, depth, heads, hidden, patch = (vit.embed_dim, vit.depth, vit.num_heads, vit.mlp_dim,
-                                        vit.patch_size)
-    width = int(dim * float(config.model.backbone.adapter_ratio))
+    dim, depth, heads, hidden, patch, px, width = (size[k] for k in (
+        "dim", "depth", "heads", "hidden", "patch", "px", "width"))
 
     class Adapter(nn.Module):
         def __init__(self):
@@ -139,13 +154,15 @@ def run_torch(config, frames: int, steps: int) -> dict:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(adapters, lr=1e-4, weight_decay=0.05)
     frames_in = torch.from_numpy(
-        np.random.default_rng(0).standard_normal((1, frames, px, px, 3), np.float32))
+        np.random.default_rng(0).integers(0, 256, (1, frames, px, px, 3), np.uint8))
+    mean, std = torch.tensor(size["mean"]), torch.tensor(size["std"])
     grid = px // patch
     pos = torch.randn(8 * grid * grid, dim) * 0.02
 
     def step():
         chunks = frames // 16
-        x = frames_in.reshape(chunks, 16, px, px, 3).permute(0, 4, 1, 2, 3)
+        x = (frames_in.float() - mean) / std
+        x = x.reshape(chunks, 16, px, px, 3).permute(0, 4, 1, 2, 3)
         x = embed(x).flatten(2).transpose(1, 2) + pos                  # [chunks, 8*hw, C]
         for i, block in enumerate(blocks):
             x = block(x, 1, 8) if i == 0 else checkpoint(block, x, 1, 8, use_reentrant=False)
@@ -157,21 +174,24 @@ def run_torch(config, frames: int, steps: int) -> dict:
         assert math.isfinite(float(loss))
 
     return {**time_steps(step, steps), "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__}
+            "torch_version": torch.__version__, "jax_imported": "jax" in sys.modules}
 
 
 def run(args, overrides) -> dict:
     from tadjax.tools.bench import load_config
+    if args.side == "torch" and args.sizes:
+        return run_torch(json.loads(args.sizes), args.frames, args.steps)
     config = load_config(args.config, overrides)
     if args.side == "tadjax":
         return run_tadjax(config, args.frames, args.steps)
     if args.side == "torch":
-        return run_torch(config, args.frames, args.steps)
+        return run_torch(sizes(config), args.frames, args.steps)
+    size = json.dumps(sizes(config))
     results = {}
     for side in ("tadjax", "torch"):
         cmd = [sys.executable, "-m", "tadjax.tools.bench", "reference", "--config", args.config,
                "--frames", str(args.frames), "--steps", str(args.steps), "--side", side,
-               "--json", *overrides]
+               "--json", *(["--sizes", size] if side == "torch" else []), *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode:
             raise RuntimeError(f"bench reference --side {side} failed:\n{proc.stderr[-3000:]}")
