@@ -60,6 +60,8 @@ def sizes(config) -> dict:
 
 
 def run_tadjax(config, frames: int, steps: int) -> dict:
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -70,8 +72,8 @@ def run_tadjax(config, frames: int, steps: int) -> dict:
     backbone = _backbone(config)
     px = int(config.data.img_size)
     x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, frames, px, px, 3), np.uint8))
-    params = jax.jit(backbone.init)(jax.random.key(0),
-                                    normalize_frames(x[:, :16], jnp.float32))["params"]
+    normalize = functools.partial(normalize_frames, dtype=jnp.float32)
+    params = jax.jit(backbone.init)(jax.random.key(0), normalize(x[:, :16]))["params"]
     mask = jax.tree_util.tree_map_with_path(
         lambda p, _: "adapter" in jax.tree_util.keystr(p), params)
     trainable, frozen = opt_lib.split_trainable(params, mask)
@@ -79,8 +81,8 @@ def run_tadjax(config, frames: int, steps: int) -> dict:
     opt = tx.init(trainable)
 
     def loss_fn(trainable, frozen, x):
-        feats = backbone.apply({"params": opt_lib.merge_trainable(trainable, frozen)},
-                               normalize_frames(x, jnp.float32), train=False)
+        feats = backbone.apply({"params": opt_lib.merge_trainable(trainable, frozen)}, x,
+                               train=False, normalize=normalize)  # as the detector calls it
         return jnp.mean(jnp.square(feats))
 
     @jax.jit
