@@ -284,6 +284,87 @@ def map_row_groups(fn, args: tuple, groups: int, row_axes: Sequence[str] = ()):
     return constrain_rows(out, row_axes)
 
 
+class _RowGroups:
+    """The groups of `map_row_groups`: group g is [devices·size, ...]. On several devices they
+    are read from views [rows, ...] -> [devices, groups, size, ...] (a reshape, no copy); on one
+    device, group g is rows [g·size, (g + 1)·size) sliced from the array as it is (XLA:CPU gave
+    such views of different arrays layouts differing in their size-1 dimensions, and copied
+    whole arrays between them)."""
+
+    def __init__(self, rows: int, groups: int, row_axes: Sequence[str]):
+        self.groups, self.row_axes = groups, tuple(row_axes)
+        self.devices = row_devices(row_axes, rows)
+        self.size = rows // (self.devices * groups)
+
+    def view(self, a):
+        if self.devices == 1:
+            return a
+        return constrain_rows(a.reshape((self.devices, self.groups, self.size) + a.shape[1:]),
+                              self.row_axes)
+
+    def take(self, v, g):
+        if self.devices == 1:
+            return jax.lax.dynamic_slice_in_dim(v, g * self.size, self.size, axis=0)
+        part = jax.lax.dynamic_index_in_dim(v, g, axis=1, keepdims=False)
+        return constrain_rows(part.reshape((self.devices * self.size,) + v.shape[3:]),
+                              self.row_axes)
+
+    def take_slot(self, stack, slot, g):
+        """Group g of slot `slot` of a stack of views [slots, devices, groups, size, ...],
+        read in place (only the group's rows are copied)."""
+        if self.devices == 1:
+            part = jax.lax.dynamic_slice(stack, (slot, g * self.size) + (0,) * (stack.ndim - 2),
+                                         (1, self.size) + stack.shape[2:])
+            return part.reshape(part.shape[1:])
+        part = jax.lax.dynamic_slice_in_dim(
+            jax.lax.dynamic_slice_in_dim(stack, slot, 1, axis=0), g, 1, axis=2)
+        return constrain_rows(part.reshape((self.devices * self.size,) + stack.shape[4:]),
+                              self.row_axes)
+
+    def put(self, v, g, part):
+        if self.devices == 1:
+            return jax.lax.dynamic_update_slice_in_dim(v, part.astype(v.dtype), g * self.size,
+                                                       axis=0)
+        part = part.reshape((self.devices, 1, self.size) + part.shape[1:])
+        return constrain_rows(jax.lax.dynamic_update_slice_in_dim(v, part, g, axis=1),
+                              self.row_axes)
+
+
+def _groups_forward(fn, trained, frozen, x, diff_rows, const_rows, rg: _RowGroups):
+    """fn on every group of rows, each group's output written over its input rows."""
+    diff_v, const_v = tuple(map(rg.view, diff_rows)), tuple(map(rg.view, const_rows))
+
+    def body(g, xv):
+        return rg.put(xv, g, fn(trained, frozen, rg.take(xv, g),
+                                tuple(rg.take(a, g) for a in diff_v),
+                                tuple(rg.take(a, g) for a in const_v)))
+
+    return jax.lax.fori_loop(0, rg.groups, body, rg.view(x)).reshape(x.shape)
+
+
+def _groups_backward(fn, trained, frozen, read_x, diff_rows, const_rows, ct, rg: _RowGroups):
+    """The backward pass of _groups_forward: each group recomputed from its input rows
+    (read_x(g)) and back-propagated, its input cotangent written over its output cotangent.
+    Returns (d_trained, d_x, d_diff_rows)."""
+    diff_v, const_v = tuple(map(rg.view, diff_rows)), tuple(map(rg.view, const_rows))
+
+    def body(g, carry):
+        ct_v, d_trained, d_diff = carry
+        consts = tuple(rg.take(a, g) for a in const_v)
+        _, vjp = jax.vjp(lambda t, xg, dg: fn(t, frozen, xg, dg, consts),
+                         trained, read_x(g), tuple(rg.take(a, g) for a in diff_v))
+        dt, dx, dd = vjp(rg.take(ct_v, g))
+        d_trained = jax.tree_util.tree_map(jnp.add, d_trained, dt)
+        d_diff = tuple(rg.put(b, g, d) for b, d in zip(d_diff, dd))
+        return rg.put(ct_v, g, dx), d_trained, d_diff
+
+    init = (rg.view(ct), jax.tree_util.tree_map(jnp.zeros_like, trained),
+            tuple(jnp.zeros_like(a) for a in diff_v))
+    ct_v, d_trained, d_diff = jax.lax.fori_loop(0, rg.groups, body, init)
+    return (d_trained, ct_v.reshape(ct.shape),
+            tuple(d.reshape(a.shape) for d, a in zip(d_diff, diff_rows)))
+
+
 def map_row_groups_recompute(fn, trained, frozen, x, diff_rows=(), const_rows=(), *,
                              groups: int, row_axes: Sequence[str] = ()):
     """fn(trained, frozen, rows, diff_rows, const_rows) -> rows' (x's row shape) computed one
@@ -300,33 +381,11 @@ def map_row_groups_recompute(fn, trained, frozen, x, diff_rows=(), const_rows=()
     TIA's halos); `frozen` (a pytree: frozen weights, gates, rates) and `const_rows` (e.g.
     drop-path masks) get none.
     """
-    rows = x.shape[0]
-    devices = row_devices(row_axes, rows)
-    size = rows // (devices * groups)
-
-    def view(a):  # [rows, ...] -> [devices, groups, size, ...] (a reshape: no copy)
-        return constrain_rows(a.reshape((devices, groups, size) + a.shape[1:]), row_axes)
-
-    def take(v, g):  # group g of a view -> [devices·size, ...]
-        part = jax.lax.dynamic_index_in_dim(v, g, axis=1, keepdims=False)
-        return constrain_rows(part.reshape((devices * size,) + v.shape[3:]), row_axes)
-
-    def put(v, g, part):
-        part = part.reshape((devices, 1, size) + part.shape[1:])
-        return constrain_rows(jax.lax.dynamic_update_slice_in_dim(v, part, g, axis=1), row_axes)
-
-    def group_fn(trained, frozen, g, xv, diff_v, const_v):
-        return fn(trained, frozen, take(xv, g), tuple(take(a, g) for a in diff_v),
-                  tuple(take(a, g) for a in const_v))
+    rg = _RowGroups(x.shape[0], groups, row_axes)
 
     @jax.custom_vjp
     def run(trained, frozen, x, diff_rows, const_rows):
-        diff_v, const_v = tuple(map(view, diff_rows)), tuple(map(view, const_rows))
-
-        def body(g, xv):  # group g's rows are read, then overwritten with its output
-            return put(xv, g, group_fn(trained, frozen, g, xv, diff_v, const_v))
-
-        return jax.lax.fori_loop(0, groups, body, view(x)).reshape(x.shape)
+        return _groups_forward(fn, trained, frozen, x, diff_rows, const_rows, rg)
 
     def forward(trained, frozen, x, diff_rows, const_rows):
         return run(trained, frozen, x, diff_rows, const_rows), (trained, frozen, x, diff_rows,
@@ -334,26 +393,255 @@ def map_row_groups_recompute(fn, trained, frozen, x, diff_rows=(), const_rows=()
 
     def backward(saved, ct):
         trained, frozen, x, diff_rows, const_rows = saved
-        xv, diff_v, const_v = view(x), tuple(map(view, diff_rows)), tuple(map(view, const_rows))
-
-        def body(g, carry):
-            ct_v, d_trained, d_diff = carry
-            _, vjp = jax.vjp(lambda t, xg, dg: fn(t, frozen, xg, dg,
-                                                  tuple(take(a, g) for a in const_v)),
-                             trained, take(xv, g), tuple(take(a, g) for a in diff_v))
-            dt, dx, dd = vjp(take(ct_v, g))
-            d_trained = jax.tree_util.tree_map(jnp.add, d_trained, dt)
-            d_diff = tuple(put(b, g, d) for b, d in zip(d_diff, dd))
-            return put(ct_v, g, dx), d_trained, d_diff
-
-        init = (view(ct.astype(x.dtype)), jax.tree_util.tree_map(jnp.zeros_like, trained),
-                tuple(jnp.zeros_like(a) for a in diff_v))
-        ct_v, d_trained, d_diff = jax.lax.fori_loop(0, groups, body, init)
-        return (d_trained, None, ct_v.reshape(x.shape),
-                tuple(d.reshape(a.shape) for d, a in zip(d_diff, diff_rows)), None)
+        xv = rg.view(x)
+        d_trained, dx, d_diff = _groups_backward(fn, trained, frozen, lambda g: rg.take(xv, g),
+                                                 diff_rows, const_rows, ct.astype(x.dtype), rg)
+        return d_trained, None, dx, d_diff, None
 
     run.defvjp(forward, backward)
     return run(trained, frozen, x, tuple(diff_rows), tuple(const_rows))
+
+
+def _index(tree, i):
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                  tree)
+
+
+def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups: int,
+                         row_axes: Sequence[str] = ()):
+    """x through n units in turn (then `tail`, if given), each rematerialised from its input
+    (checkpoint "full" per unit, as lax.scan of jax.checkpoint'ed units), with less memory.
+
+    Unit i is `unit(frozen, i, consts_i, shape) -> (frozen_i, masks, halos_fn, rows_fn)`
+    (unit_pieces' pieces), run in chunk groups as map_row_groups_recompute; `trained` and
+    `consts` are stacked along a leading axis of n (unit i gets their slices i), `frozen` is
+    given whole to `unit` (e.g. every unit's frozen weights, which it picks by i: no stacked
+    copy). tail: (tail_unit(tail_consts, shape) -> pieces, tail_trained, tail_consts), one
+    more unit (e.g. the last TIA on its own).
+
+    All unit inputs live in one stack of slots: in the forward pass unit k reads its rows from
+    slot k and writes its output rows into slot k + 1 (the last unit: into the output); in the
+    backward pass unit k reads its input rows from slot k and its output cotangent from slot
+    k + 1 (the last unit: from the incoming cotangent) and writes its input cotangent over slot
+    k, group by group. So besides the slots only the output / its cotangent exist: lax.scan of
+    checkpointed units held a second cotangent and a copy of each unit input. Gradients flow to
+    `trained`, `tail_trained` and x; `frozen` and the consts get none.
+    """
+    n = jax.tree_util.tree_leaves(consts)[0].shape[0]
+    rg = _RowGroups(x.shape[0], groups, row_axes)
+    tail_unit, tail_trained, tail_consts = tail if tail is not None else (None, {}, ())
+    slots_n = n + (tail_unit is not None)          # unit inputs kept
+    looped = slots_n - 1                           # units slot -> next slot; the last is peeled
+
+    def stage(trained, frozen, consts, tail_trained, tail_consts, k, shape):
+        """(trained_k, pieces of stage k): unit k (k < n) or the tail (k == n)."""
+        if tail_unit is not None and isinstance(k, int) and k == n:
+            return tail_trained, tail_unit(tail_consts, shape)
+        return _index(trained, k), unit(frozen, k, _index(consts, k), shape)
+
+    flat = rg.devices == 1   # slots [slots_n, rows, ...], groups sliced from the rows
+
+    def view_slots(stack):
+        if flat:
+            return stack
+        return stack.reshape((slots_n, rg.devices, rg.groups, rg.size) + x.shape[1:])
+
+    def slot(slots, k):
+        return jax.lax.dynamic_index_in_dim(slots, k, keepdims=False).reshape(x.shape)
+
+    def slot_edges(slots, k, edge, add=None):
+        """row_edges of slot k, read in place; with `add` (its shape): slots with `add` added
+        there."""
+        tokens = x.shape[1]
+        parts = []
+        lead = 1 if flat else 3     # the row axes after the slot axis
+        for n_, start in enumerate((0, tokens - edge)):
+            at = (k,) + (0,) * lead + (start,) + (0,) * (slots.ndim - 2 - lead)
+            part = jax.lax.dynamic_slice(slots, at, (1,) + slots.shape[1:1 + lead] + (edge,)
+                                         + slots.shape[2 + lead:])
+            if add is None:
+                parts.append(part.reshape((x.shape[0], edge) + x.shape[2:]))
+            else:
+                more = add[:, n_ * edge:(n_ + 1) * edge].reshape(part.shape)
+                slots = jax.lax.dynamic_update_slice(slots, part + more.astype(part.dtype), at)
+        return slots if add is not None else jnp.concatenate(parts, axis=1)
+
+    def put_slot(slots, k, g, rows):
+        if flat:
+            return jax.lax.dynamic_update_slice(slots, rows[None].astype(slots.dtype),
+                                                (k, g * rg.size) + (0,) * (slots.ndim - 2))
+        rows = rows.reshape((1, rg.devices, 1, rg.size) + rows.shape[1:])
+        return jax.lax.dynamic_update_slice(slots, rows.astype(slots.dtype),
+                                            (k, 0, g) + (0,) * (slots.ndim - 3))
+
+    def primal(trained, frozen, consts, tail_trained, tail_consts, x):
+        def step(h, xs):
+            t, c, i = xs
+            f, masks, halos_fn, rows_fn, edge = unit(frozen, i, c, h.shape)
+            halos = halos_fn(t, f, row_edges(h, edge)) if edge else ()
+            return _groups_forward(rows_fn, t, f, h, halos, masks, rg), None
+        h = jax.lax.scan(step, x, (trained, consts, jnp.arange(n)))[0]
+        if tail_unit is not None:
+            f, masks, halos_fn, rows_fn, edge = tail_unit(tail_consts, h.shape)
+            halos = halos_fn(tail_trained, f, row_edges(h, edge)) if edge else ()
+            h = _groups_forward(rows_fn, tail_trained, f, h, halos, masks, rg)
+        return h
+
+    @jax.custom_vjp
+    def run(trained, frozen, consts, tail_trained, tail_consts, x):
+        return primal(trained, frozen, consts, tail_trained, tail_consts, x)
+
+    def run_forward(trained, frozen, consts, tail_trained, tail_consts, x):
+        args = (trained, frozen, consts, tail_trained, tail_consts)
+        slots = view_slots(jnp.zeros((slots_n,) + x.shape, x.dtype))
+        slots = jax.lax.dynamic_update_index_in_dim(
+            slots, x.reshape(slots.shape[1:]), 0, axis=0)
+
+        def step(k, slots):  # stage k: slot k -> slot k + 1
+            t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k, x.shape)
+            halos = halos_fn(t, f, slot_edges(slots, k, edge)) if edge else ()
+            diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
+
+            def body(g, slots):
+                rows = rows_fn(t, f, rg.take_slot(slots, k, g),
+                               tuple(rg.take(a, g) for a in diff_v),
+                               tuple(rg.take(a, g) for a in const_v))
+                return put_slot(slots, k + 1, g, rows)
+            return jax.lax.fori_loop(0, rg.groups, body, slots)
+
+        slots = jax.lax.fori_loop(0, looped, step, slots)
+        t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, looped, x.shape)
+        halos = halos_fn(t, f, slot_edges(slots, looped, edge)) if edge else ()
+        y = _groups_forward(rows_fn, t, f, slot(slots, looped), halos, masks, rg)
+        return y, (args, slots)
+
+    def run_backward(saved, ct):
+        args, slots = saved
+        trained = args[0]
+
+        def back(k, slots, ct_v):
+            """Stage k's backward pass: input rows from slot k, output cotangent from slot
+            k + 1 (ct_v: from that view instead), input cotangent over slot k."""
+            t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k, x.shape)
+            if edge:
+                halos, halos_vjp = jax.vjp(lambda t, e: halos_fn(t, f, e), t,
+                                           slot_edges(slots, k, edge))
+            else:
+                halos = ()
+            diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
+
+            def body(g, carry):
+                slots, d_t, d_diff = carry
+                rows_masks = tuple(rg.take(a, g) for a in const_v)
+                _, vjp = jax.vjp(lambda t, r, d: rows_fn(t, f, r, d, rows_masks), t,
+                                 rg.take_slot(slots, k, g), tuple(rg.take(a, g) for a in diff_v))
+                ct_g = rg.take(ct_v, g) if ct_v is not None else rg.take_slot(slots, k + 1, g)
+                dt, dx, dd = vjp(ct_g.astype(slots.dtype))
+                d_t = jax.tree_util.tree_map(jnp.add, d_t, dt)
+                d_diff = tuple(rg.put(b, g, d) for b, d in zip(d_diff, dd))
+                return put_slot(slots, k, g, dx), d_t, d_diff
+
+            init = (slots, jax.tree_util.tree_map(jnp.zeros_like, t),
+                    tuple(jnp.zeros_like(a) for a in diff_v))
+            slots, d_t, d_diff = jax.lax.fori_loop(0, rg.groups, body, init)
+            if not edge:
+                return slots, d_t
+            d_t_halos, d_edges = halos_vjp(tuple(d.reshape(a.shape)
+                                                 for d, a in zip(d_diff, halos)))
+            # The halos' share of the input cotangent: on the edge tokens only.
+            slots = slot_edges(slots, k, edge, add=d_edges)
+            return slots, jax.tree_util.tree_map(jnp.add, d_t, d_t_halos)
+
+        slots, d_last = back(looped, slots, rg.view(ct))
+
+        def step(j, carry):
+            slots, d_trained = carry
+            k = looped - 1 - j
+            slots, d_t = back(k, slots, None)
+            d_trained = jax.tree_util.tree_map(
+                lambda s, d: jax.lax.dynamic_update_index_in_dim(s, d, k, axis=0), d_trained, d_t)
+            return slots, d_trained
+
+        d_trained = jax.tree_util.tree_map(jnp.zeros_like, trained)
+        slots, d_trained = jax.lax.fori_loop(0, looped, step, (slots, d_trained))
+        if tail_unit is not None:
+            d_tail = d_last
+        else:
+            d_tail = {}
+            d_trained = jax.tree_util.tree_map(
+                lambda s, d: jax.lax.dynamic_update_index_in_dim(s, d, looped, axis=0),
+                d_trained, d_last)
+        return d_trained, None, None, d_tail, None, slot(slots, 0)
+
+    run.defvjp(run_forward, run_backward)
+    return run(trained, frozen, consts, tail_trained, tail_consts, x)
+
+
+def drop_path_inputs(drop_key, drop_rate, shape, use_drop_path: bool):
+    """(masks, rate) of a block's two drop paths (attention, MLP) for rows of `shape`: drawn for
+    every row at once, whatever the grouping; ((), ()) without drop path."""
+    if not use_drop_path:
+        return (), ()
+    masks = tuple(drop_path_mask(k, drop_rate, shape) for k in jax.random.split(drop_key))
+    return masks, (drop_rate,)
+
+
+def unit_pieces(block, frozen_params, drop_key, drop_rate, shape, *, has_adapter: bool,
+                use_drop_path: bool, keep_adapter=None, keep=None, mix: bool = True,
+                videos: int = 1, time_tokens: int = 1):
+    """Block.mix_rows as pure pieces, for rows of `shape`, with parameters {"mix": the block's
+    attention/MLP/norms, "adapter": the previous block's TIA} split into the trained ones
+    (passed to the pieces as `trained`) and `frozen_params`:
+
+      frozen                              what the pieces take as `frozen` (frozen_params,
+                                          gates, drop rate)
+      masks                               the drop-path masks, row-aligned (const rows)
+      halos_fn(trained, frozen, edges)    the TIA's halos (adapters.tia_halos) from the rows'
+                                          edges (row_edges(x, edge)), row-aligned
+                                          (differentiable rows); () without a TIA or chunk-local
+      rows_fn(trained, frozen, rows, row_halos, row_masks) -> rows'   row-local: any chunk rows
+      edge                                tokens per temporal position (0: no halos)
+
+    `block` is a Block (bound or not) giving the sizes; no parameters are read from it.
+    """
+    use_drop_path = use_drop_path and mix
+    masks, rate = drop_path_inputs(drop_key, drop_rate, shape, use_drop_path)
+    frozen = (frozen_params, ((keep_adapter, keep), rate))
+    bare = block.clone(parent=None, chunk_group=0, adapter_ratio=None)
+
+    halos = has_adapter and not block.adapter_chunk_local
+    edge = shape[1] // time_tokens if halos else 0   # tokens of one temporal position
+
+    def halos_fn(trained, frozen, edges):
+        """The halos from `edges` [rows, 2·edge, C]: each row's first and last `edge` tokens
+        (its first and last temporal position), all that tia_halos reads."""
+        if not halos:
+            return ()
+        p = {**frozen[0], **trained}["adapter"]
+        return tuple(constrain_rows(h, block.row_axes) for h in tia_halos(
+            p, edges, videos=videos, time_tokens=2, dtype=block.dtype))
+
+    def gate(flag, fn, rows):
+        return fn(rows) if flag is None else jax.lax.cond(flag, fn, lambda r: r, rows)
+
+    def rows_fn(trained, frozen, rows, row_halos, row_masks):
+        params = {**frozen[0], **trained}
+        (keep_adapter, keep), rate = frozen[1]
+        if has_adapter:
+            rows = gate(keep_adapter, lambda r: tia_rows(
+                params["adapter"], r, *(row_halos or (None, None)), time_tokens=time_tokens,
+                dtype=block.dtype), rows)
+        if mix:
+            rows = gate(keep, lambda r: bare.apply({"params": params["mix"]}, r, *row_masks,
+                                                   *rate, method=Block.mix), rows)
+        return rows
+
+    return frozen, masks, halos_fn, rows_fn, edge
+
+
+def row_edges(x, edge: int):
+    """x [rows, tokens, C] -> its first and last `edge` tokens of each row [rows, 2·edge, C]."""
+    return jnp.concatenate([x[:, :edge], x[:, x.shape[1] - edge:]], axis=1)
 
 
 class Block(nn.Module):
@@ -428,54 +716,33 @@ class Block(nn.Module):
         (None: both); the others are not differentiated (frozen weights).
         """
         x = constrain_rows(x, self.row_axes)
-        use_drop_path = use_drop_path and mix
-        # The drop-path masks of every row are drawn here, whatever the grouping.
-        masks = (tuple(drop_path_mask(k, drop_rate, x.shape) for k in jax.random.split(drop_key))
-                 if use_drop_path else ())
-        rate = (drop_rate,) if use_drop_path else ()
         if self.is_initializing():
             if adapter is not None or not mix:
                 raise ValueError("Block.mix_rows: the adapter runs here only after init")
+            masks, rate = drop_path_inputs(drop_key, drop_rate, x.shape, use_drop_path)
             return self.mix(x, *masks, *rate)
-        halos = ()
-        if adapter is not None and not self.adapter_chunk_local:
-            halos = tuple(constrain_rows(h, self.row_axes) for h in tia_halos(
-                adapter, x, videos=videos, time_tokens=time_tokens, dtype=self.dtype))
         params = ({"mix": {k: v for k, v in self.variables["params"].items() if k != "adapter"}}
                   if mix else {})
         if adapter is not None:
             params["adapter"] = adapter
-        bare = self.clone(parent=None, chunk_group=0, adapter_ratio=None)
-
-        def gate(flag, fn, rows):
-            return fn(rows) if flag is None else jax.lax.cond(flag, fn, lambda r: r, rows)
-
-        def rows_fn(params, consts, rows, row_halos, row_masks):
-            (keep_adapter, keep), rate = consts
-            if "adapter" in params:
-                rows = gate(keep_adapter, lambda r: tia_rows(
-                    params["adapter"], r, *(row_halos or (None, None)), time_tokens=time_tokens,
-                    dtype=self.dtype), rows)
-            if mix:
-                rows = gate(keep, lambda r: bare.apply({"params": params["mix"]}, r, *row_masks,
-                                                       *rate, method=Block.mix), rows)
-            return rows
-
-        consts = ((keep_adapter, keep), rate)
+        trained = {k: v for k, v in params.items() if trained_keys is None or k in trained_keys}
+        frozen, masks, halos_fn, rows_fn, edge = unit_pieces(
+            self, {k: v for k, v in params.items() if k not in trained}, drop_key, drop_rate,
+            x.shape, has_adapter=adapter is not None, use_drop_path=use_drop_path,
+            keep_adapter=keep_adapter, keep=keep, mix=mix, videos=videos, time_tokens=time_tokens)
+        halos = halos_fn(trained, frozen, row_edges(x, edge)) if edge else ()
         # chunk_group rows per device: as many groups as one device's share needs.
         per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
         groups = row_groups(per_device, self.chunk_group)
         if groups == 1:
-            x = rows_fn(params, consts, x, halos, masks)
+            x = rows_fn(trained, frozen, x, halos, masks)
         elif self.remat_policy in ("none", "full"):  # each group recomputed in the backward pass
-            trained = {k: v for k, v in params.items() if trained_keys is None or k in trained_keys}
-            frozen = ({k: v for k, v in params.items() if k not in trained}, consts)
-            x = map_row_groups_recompute(
-                lambda t, f, r, dr, cr: rows_fn({**f[0], **t}, f[1], r, dr, cr),
-                trained, frozen, x, halos, masks, groups=groups, row_axes=self.row_axes)
+            x = map_row_groups_recompute(rows_fn, trained, frozen, x, halos, masks, groups=groups,
+                                         row_axes=self.row_axes)
         else:  # each group under jax.checkpoint with the policy (e.g. "dots": matmuls kept)
             def one_group(rows, *row_args):
-                return rows_fn(params, consts, rows, row_args[len(masks):], row_args[:len(masks)])
+                return rows_fn(trained, frozen, rows, row_args[len(masks):],
+                               row_args[:len(masks)])
 
             x = map_row_groups(remat(one_group, self.remat_policy, prevent_cse=False),
                                (x, *masks, *halos), groups, self.row_axes)
@@ -817,16 +1084,55 @@ class VisionTransformer(nn.Module):
             p["mix"] = jax.lax.switch(index, [functools.partial(lambda m: m, m) for m in mixes])
             return unit_fn(p, h, *rest)
 
-        for (first, _, prev_tapped), units in runs:
+        # With remat "full", chunk groups and only the TIAs trained (AdaTAD's case), each run
+        # of units and the last TIA go through scan_units_recompute: the same values and
+        # gradients, with the kept unit inputs read in place in the backward pass.
+        per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
+        groups = row_groups(per_device, self.chunk_group)
+        in_place = (self.scan_blocks and self.remat_policy == "full" and groups > 1
+                    and not self.remat_input_dtype and self._unit_grad_keys() == ("adapter",))
+
+        def unit_of(mixes, i, consts, shape):
+            """unit_pieces of a unit that starts with a TIA (the trained part), its frozen
+            attention/MLP weights picked from `mixes` by i (none: the TIA alone)."""
+            key, rate, keep_prev, keep = consts
+            frozen = ({"mix": jax.lax.switch(i, [functools.partial(lambda m: m, m)
+                                                for m in mixes])} if mixes else {})
+            gated = block_mask is not None
+            return unit_pieces(mixer, frozen, key, rate, shape, has_adapter=True,
+                               use_drop_path=use_drop_path, mix=bool(mixes),
+                               keep_adapter=keep_prev if gated else None,
+                               keep=keep if gated else None, videos=videos,
+                               time_tokens=time_tokens)
+
+        tail_done = False
+        for (first, with_adapter, prev_tapped), units in runs:
             pick = pick_mix and len(units) > 1
+            need_prev = not first and (collect or prev_tapped)
+            cur = np.asarray([kept[j] for j in units])
+            if in_place and with_adapter and pick and not need_prev:
+                trained = jax.tree_util.tree_map(
+                    lambda *a: jnp.stack(a), *[{"adapter": params[kept[j - 1]]["adapter"]}
+                                               for j in units])
+                prev = np.asarray([kept[j - 1] for j in units])
+                tail = None
+                if units[-1] == len(kept) - 1 and has_adapter[kept[-1]]:  # the last TIA too
+                    one = kept[-1]
+                    tail = (lambda c, shape: unit_of([], 0, c, shape),
+                            {"adapter": params[one]["adapter"]},
+                            (keys[one], rates[one], keep_flags[one], keep_flags[one]))
+                    tail_done = True
+                x = scan_units_recompute(
+                    unit_of, trained, [unit_params(j)["mix"] for j in units],
+                    (keys[cur], rates[cur], keep_flags[prev], keep_flags[cur]), x, tail,
+                    groups=groups, row_axes=self.row_axes)
+                continue
             fn = picking_unit_fn if pick else unit_fn
             if self.remat_input_dtype:
                 fn = remat_narrow_input(fn, jnp.dtype(self.remat_input_dtype),
                                         grad_keys=self._unit_grad_keys())
             else:
                 fn = remat(fn, self.remat_policy, prevent_cse=not self.scan_blocks)
-            need_prev = not first and (collect or prev_tapped)
-            cur = np.asarray([kept[j] for j in units])
             prev = np.asarray([kept[j - 1] if j else kept[0] for j in units])
             keep_prev = keep_flags[prev] if not first else jnp.ones((len(units),), bool)
             if self.scan_blocks:
@@ -856,7 +1162,7 @@ class VisionTransformer(nn.Module):
                         record(kept[j - 1], previous_output(j, p, x, keep_prev[n]))
                     x = fn(p, x, keys[cur[n]], rates[cur[n]], keep_prev[n], keep_flags[cur[n]])
         last = kept[-1]
-        if has_adapter[last]:  # the last TIA, on its own, in the same chunk groups
+        if has_adapter[last] and not tail_done:  # the last TIA, on its own, in the same groups
             final = remat(lambda p, h: unit_fn(p, h, keys[last], rates[last], keep_flags[last],
                                                keep_flags[last], adapter_only=True),
                           self.remat_policy)
