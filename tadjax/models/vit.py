@@ -780,7 +780,10 @@ class VisionTransformer(nn.Module):
         one extra copy of those parameters per step, except for frozen ViT weights, which each
         unit picks from the unstacked ones with lax.switch). XLA:CPU compiled temp memory for the ViT-S
         adapter gradient at 256 frames, 160 px: 13.6 GiB unrolled with or without remat "full",
-        1.8 GiB scanned with remat "full" (3.7 GiB with "dots").
+        1.8 GiB scanned with remat "full" (3.7 GiB with "dots"). With remat "full", chunk
+        groups and only the TIAs trained, each run is one `scan_units_recompute` (the unit
+        inputs in one stack, read and overwritten in place by the backward pass: 833 -> 777 MB
+        for the 768-frame adapter step).
       dtype: computation dtype; parameters are float32, the residual stream stays float32.
       attention_impl: None / "" / "tadjax": head-major attention with a hand-written backward
         (models/attention.py; about 3x faster than the alternatives on XLA:CPU); otherwise the
