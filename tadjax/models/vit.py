@@ -256,6 +256,11 @@ def row_groups(rows: int, group: int) -> int:
     return next(n for n in range(1, rows + 1) if rows % n == 0 and rows // n <= group)
 
 
+def device_row_groups(rows: int, group: int, row_axes: Sequence[str]) -> int:
+    """row_groups for groups of at most `group` rows on each device's share of `rows` rows."""
+    return row_groups(rows // row_devices(row_axes, rows), group)
+
+
 def map_row_groups(fn, args: tuple, groups: int, row_axes: Sequence[str] = ()):
     """fn(*args) computed one group of rows (axis 0) at a time, for a row-local fn.
 
@@ -433,11 +438,11 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
     slots_n = n + (tail_unit is not None)          # unit inputs kept
     looped = slots_n - 1                           # units slot -> next slot; the last is peeled
 
-    def stage(trained, frozen, consts, tail_trained, tail_consts, k, shape):
+    def stage(trained, frozen, consts, tail_trained, tail_consts, k):
         """(trained_k, pieces of stage k): unit k (k < n) or the tail (k == n)."""
         if tail_unit is not None and isinstance(k, int) and k == n:
-            return tail_trained, tail_unit(tail_consts, shape)
-        return _index(trained, k), unit(frozen, k, _index(consts, k), shape)
+            return tail_trained, tail_unit(tail_consts, x.shape)
+        return _index(trained, k), unit(frozen, k, _index(consts, k), x.shape)
 
     flat = rg.devices == 1   # slots [slots_n, rows, ...], groups sliced from the rows
 
@@ -498,7 +503,7 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             slots, x.reshape(slots.shape[1:]), 0, axis=0)
 
         def step(k, slots):  # stage k: slot k -> slot k + 1
-            t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k, x.shape)
+            t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k)
             halos = halos_fn(t, f, slot_edges(slots, k, edge)) if edge else ()
             diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
 
@@ -510,7 +515,7 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             return jax.lax.fori_loop(0, rg.groups, body, slots)
 
         slots = jax.lax.fori_loop(0, looped, step, slots)
-        t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, looped, x.shape)
+        t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, looped)
         halos = halos_fn(t, f, slot_edges(slots, looped, edge)) if edge else ()
         y = _groups_forward(rows_fn, t, f, slot(slots, looped), halos, masks, rg)
         return y, (args, slots)
@@ -522,7 +527,7 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         def back(k, slots, ct_v):
             """Stage k's backward pass: input rows from slot k, output cotangent from slot
             k + 1 (ct_v: from that view instead), input cotangent over slot k."""
-            t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k, x.shape)
+            t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k)
             if edge:
                 halos, halos_vjp = jax.vjp(lambda t, e: halos_fn(t, f, e), t,
                                            slot_edges(slots, k, edge))
@@ -732,8 +737,7 @@ class Block(nn.Module):
             keep_adapter=keep_adapter, keep=keep, mix=mix, videos=videos, time_tokens=time_tokens)
         halos = halos_fn(trained, frozen, row_edges(x, edge)) if edge else ()
         # chunk_group rows per device: as many groups as one device's share needs.
-        per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
-        groups = row_groups(per_device, self.chunk_group)
+        groups = device_row_groups(x.shape[0], self.chunk_group, self.row_axes)
         if groups == 1:
             x = rows_fn(trained, frozen, x, halos, masks)
         elif self.remat_policy in ("none", "full"):  # each group recomputed in the backward pass
@@ -967,8 +971,7 @@ class VisionTransformer(nn.Module):
         then kept more of them.)"""
         if normalize is None:
             return self.patch_embed(x)
-        per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
-        groups = row_groups(per_device, self.chunk_group)
+        groups = device_row_groups(x.shape[0], self.chunk_group, self.row_axes)
         if groups == 1 or self.is_initializing():
             return self.patch_embed(normalize(x))
         params = self.variables["params"]["patch_embed"]
@@ -1090,8 +1093,7 @@ class VisionTransformer(nn.Module):
         # With remat "full", chunk groups and only the TIAs trained (AdaTAD's case), each run
         # of units and the last TIA go through scan_units_recompute: the same values and
         # gradients, with the kept unit inputs read in place in the backward pass.
-        per_device = x.shape[0] // row_devices(self.row_axes, x.shape[0])
-        groups = row_groups(per_device, self.chunk_group)
+        groups = device_row_groups(x.shape[0], self.chunk_group, self.row_axes)
         in_place = (self.scan_blocks and self.remat_policy == "full" and groups > 1
                     and not self.remat_input_dtype and self._unit_grad_keys() == ("adapter",))
 

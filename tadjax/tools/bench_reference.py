@@ -51,11 +51,12 @@ def _backbone(config):
 def sizes(config) -> dict:
     """The sizes both sides build (the config's backbone, overrides included) and the frames'
     normalisation."""
+    from tadjax.models.adapters import adapter_width
     from tadjax.models.detector import MEAN, STD
     vit = _backbone(config)
     return {"dim": vit.embed_dim, "depth": vit.depth, "heads": vit.num_heads,
             "hidden": vit.mlp_dim, "patch": vit.patch_size, "px": int(config.data.img_size),
-            "width": int(vit.embed_dim * float(config.model.backbone.adapter_ratio)),
+            "width": adapter_width(vit.embed_dim, vit.adapter_ratio),
             "mean": MEAN, "std": STD}
 
 
