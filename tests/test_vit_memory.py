@@ -175,22 +175,27 @@ def _scanned_checkpointed_units(unit, trained, mixes, consts, x, tail, groups):
     return jax.checkpoint(lambda t, h: one(t, None, tail_consts, h, tail_unit))(tail_trained, h)
 
 
-@pytest.mark.parametrize("groups", [1, 2, 8])
-def test_scan_units_recompute_matches_scanned_checkpointed_units(groups):
+@pytest.mark.parametrize("groups,pool", [(1, False), (2, False), (8, False), (2, True),
+                                         (8, True)])
+def test_scan_units_recompute_matches_scanned_checkpointed_units(groups, pool):
     """Values and gradients (TIAs, input) of scan_units_recompute (unit inputs in one stack,
     read and overwritten in place) against JAX's autodiff of lax.scan of checkpointed units,
-    with the TIAs' halos crossing groups, drop path and gated TIAs / blocks."""
+    with the TIAs' halos crossing groups, drop path and gated TIAs / blocks; with `pool`, the
+    spatial mean inside (finish, group by group) against the mean after the reference."""
     x, trained, mixes, consts, tail, unit = _units_case()
+    finish = functools.partial(vit.spatial_mean, time_tokens=4) if pool else None
 
     def loss(trained, tail_trained, x, fn):
         y = fn(trained, (tail[0], tail_trained, tail[2]), x)
         return jnp.sum(jnp.sin(y) * jnp.linspace(-1, 1, y.shape[-1]))
 
     def new(trained, tail, x):
-        return vit.scan_units_recompute(unit, trained, mixes, consts, x, tail, groups=groups)
+        return vit.scan_units_recompute(unit, trained, mixes, consts, x, tail, groups=groups,
+                                        finish=finish)
 
     def ref(trained, tail, x):
-        return _scanned_checkpointed_units(unit, trained, mixes, consts, x, tail, groups)
+        y = _scanned_checkpointed_units(unit, trained, mixes, consts, x, tail, groups)
+        return y if finish is None else finish(y)
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
     got = run(lambda t, tt, x: grad(t, tt, x, new), trained, tail[1], x)

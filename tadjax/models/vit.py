@@ -413,7 +413,7 @@ def _index(tree, i):
 
 
 def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups: int,
-                         row_axes: Sequence[str] = ()):
+                         row_axes: Sequence[str] = (), finish=None):
     """x through n units in turn (then `tail`, if given), each rematerialised from its input
     (checkpoint "full" per unit, as lax.scan of jax.checkpoint'ed units), with less memory.
 
@@ -431,6 +431,10 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
     k, group by group. So besides the slots only the output / its cotangent exist: lax.scan of
     checkpointed units held a second cotangent and a copy of each unit input. Gradients flow to
     `trained`, `tail_trained` and x; `frozen` and the consts get none.
+
+    finish: a row-local function applied to the last stage's output rows group by group (e.g.
+    the spatial mean pooling after the ViT), so that neither the full-length output nor its
+    cotangent is ever whole: returns finish(output), rows [rows, ...finish's row shape].
     """
     n = jax.tree_util.tree_leaves(consts)[0].shape[0]
     rg = _RowGroups(x.shape[0], groups, row_axes)
@@ -490,7 +494,15 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             f, masks, halos_fn, rows_fn, edge = tail_unit(tail_consts, h.shape)
             halos = halos_fn(tail_trained, f, row_edges(h, edge)) if edge else ()
             h = _groups_forward(rows_fn, tail_trained, f, h, halos, masks, rg)
-        return h
+        return h if finish is None else finish(h)
+
+    out = jax.eval_shape(finish or (lambda h: h), jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+    def finished(rows_fn):
+        """The last stage's row function, with `finish` after it."""
+        if finish is None:
+            return rows_fn
+        return lambda t, f, r, d, m: finish(rows_fn(t, f, r, d, m))
 
     @jax.custom_vjp
     def run(trained, frozen, consts, tail_trained, tail_consts, x):
@@ -517,7 +529,18 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         slots = jax.lax.fori_loop(0, looped, step, slots)
         t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, looped)
         halos = halos_fn(t, f, slot_edges(slots, looped, edge)) if edge else ()
-        y = _groups_forward(rows_fn, t, f, slot(slots, looped), halos, masks, rg)
+        if finish is None:
+            y = _groups_forward(rows_fn, t, f, slot(slots, looped), halos, masks, rg)
+        else:   # the finished rows of each group into an output of their own shape
+            fn = finished(rows_fn)
+            diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
+
+            def body(g, yv):
+                return rg.put(yv, g, fn(t, f, rg.take_slot(slots, looped, g),
+                                        tuple(rg.take(a, g) for a in diff_v),
+                                        tuple(rg.take(a, g) for a in const_v)))
+            y = jax.lax.fori_loop(0, rg.groups, body,
+                                  rg.view(jnp.zeros(out.shape, out.dtype))).reshape(out.shape)
         return y, (args, slots)
 
     def run_backward(saved, ct):
@@ -528,6 +551,8 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             """Stage k's backward pass: input rows from slot k, output cotangent from slot
             k + 1 (ct_v: from that view instead), input cotangent over slot k."""
             t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k)
+            if ct_v is not None:    # the last stage
+                rows_fn = finished(rows_fn)
             if edge:
                 halos, halos_vjp = jax.vjp(lambda t, e: halos_fn(t, f, e), t,
                                            slot_edges(slots, k, edge))
@@ -540,8 +565,11 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
                 rows_masks = tuple(rg.take(a, g) for a in const_v)
                 _, vjp = jax.vjp(lambda t, r, d: rows_fn(t, f, r, d, rows_masks), t,
                                  rg.take_slot(slots, k, g), tuple(rg.take(a, g) for a in diff_v))
-                ct_g = rg.take(ct_v, g) if ct_v is not None else rg.take_slot(slots, k + 1, g)
-                dt, dx, dd = vjp(ct_g.astype(slots.dtype))
+                if ct_v is not None:
+                    ct_g = rg.take(ct_v, g).astype(out.dtype)
+                else:
+                    ct_g = rg.take_slot(slots, k + 1, g)
+                dt, dx, dd = vjp(ct_g)
                 d_t = jax.tree_util.tree_map(jnp.add, d_t, dt)
                 d_diff = tuple(rg.put(b, g, d) for b, d in zip(d_diff, dd))
                 return put_slot(slots, k, g, dx), d_t, d_diff
@@ -580,6 +608,11 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
 
     run.defvjp(run_forward, run_backward)
     return run(trained, frozen, consts, tail_trained, tail_consts, x)
+
+
+def spatial_mean(rows, time_tokens: int):
+    """Token rows [rows, time_tokens·sites, C] averaged over the sites: [rows, time_tokens, C]."""
+    return rows.reshape(rows.shape[0], time_tokens, -1, rows.shape[-1]).mean(axis=2)
 
 
 def drop_path_inputs(drop_key, drop_rate, shape, use_drop_path: bool):
@@ -949,17 +982,21 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"block_mask must have shape ({self.depth},) (one flag per "
                                  f"original block index), got {block_mask.shape}")
         collect = self.is_mutable_collection("intermediates")
+        pool = not return_tokens and self.adapter_mode != "side"
         x, taps, outputs = self._run_blocks(x, videos=videos, time_tokens=time_tokens, train=train,
-                                            block_mask=block_mask, collect=collect)
+                                            block_mask=block_mask, collect=collect, pool=pool)
         if collect:
             self.sow("intermediates", "block_outputs", outputs)
+        if self.adapter_mode == "frozen":
+            x = jax.lax.stop_gradient(x)
+        if pool:   # already averaged over space: [B·K, t, C]
+            return x.reshape(videos, chunks * time_tokens, dim)
 
         if self.adapter_mode == "side":
             x = x + self._side_sum(taps, videos=videos, time_tokens=time_tokens)
-        if self.adapter_mode == "frozen":
-            x = jax.lax.stop_gradient(x)
         tokens = x.reshape(videos, chunks, time_tokens * h * w, dim)
-        features = tokens.reshape(videos, chunks, time_tokens, h * w, dim).mean(axis=3)
+        features = spatial_mean(tokens.reshape(videos * chunks, time_tokens * h * w, dim),
+                                time_tokens)
         features = features.reshape(videos, chunks * time_tokens, dim)
         return (features, tokens) if return_tokens else features
 
@@ -990,9 +1027,12 @@ class VisionTransformer(nn.Module):
             keys = jnp.zeros((self.depth,), jnp.uint32)
         return use, keys, rates
 
-    def _run_blocks(self, x, *, videos, time_tokens, train, block_mask=None, collect=False):
+    def _run_blocks(self, x, *, videos, time_tokens, train, block_mask=None, collect=False,
+                    pool=False):
         """Returns (output of the last block, {block index: output} for the side taps,
-        {"i": output of block i} if `collect` else {})."""
+        {"i": output of block i} if `collect` else {}); with `pool`, the output averaged over
+        space (spatial_mean: [rows, time_tokens, C]), inside the last recomputed run where
+        there is one (so the full-length output and its cotangent never exist whole)."""
         use_drop_path, keys, rates = self._drop_inputs(train)
         tapped = set(self._adapter_indices()) if self.adapter_mode == "side" else set()
         call_kw = dict(videos=videos, time_tokens=time_tokens, use_drop_path=use_drop_path)
@@ -1012,7 +1052,7 @@ class VisionTransformer(nn.Module):
                 x = self.blocks[str(i)](x, keys[i], rates[i], **call_kw)
                 if i in tapped:
                     taps[i] = jax.lax.stop_gradient(x)
-            return x, taps, outputs
+            return (spatial_mean(x, time_tokens) if pool else x), taps, outputs
 
         params = {i: self._block_params(i) for i in kept}
         has_adapter = {i: self._block_kwargs(i)["adapter_ratio"] is not None for i in kept}
@@ -1110,7 +1150,7 @@ class VisionTransformer(nn.Module):
                                keep=keep if gated else None, videos=videos,
                                time_tokens=time_tokens)
 
-        tail_done = False
+        tail_done = pooled = False
         for (first, with_adapter, prev_tapped), units in runs:
             pick = pick_mix and len(units) > 1
             need_prev = not first and (collect or prev_tapped)
@@ -1127,10 +1167,15 @@ class VisionTransformer(nn.Module):
                             {"adapter": params[one]["adapter"]},
                             (keys[one], rates[one], keep_flags[one], keep_flags[one]))
                     tail_done = True
+                # The pooling inside too, when this run ends the network.
+                ends = units[-1] == len(kept) - 1 and (tail_done or not has_adapter[kept[-1]])
+                finish = None
+                if pool and ends and not collect and kept[-1] not in tapped:
+                    finish, pooled = functools.partial(spatial_mean, time_tokens=time_tokens), True
                 x = scan_units_recompute(
                     unit_of, trained, [unit_params(j)["mix"] for j in units],
                     (keys[cur], rates[cur], keep_flags[prev], keep_flags[cur]), x, tail,
-                    groups=groups, row_axes=self.row_axes)
+                    groups=groups, row_axes=self.row_axes, finish=finish)
                 continue
             fn = picking_unit_fn if pick else unit_fn
             if self.remat_input_dtype:
@@ -1174,7 +1219,10 @@ class VisionTransformer(nn.Module):
             # The mixer is applied with the last block's weights but reads none of them (mix=False).
             mix_params = {k: v for k, v in params[last].items() if k != "adapter"}
             x = final({"mix": mix_params, "adapter": params[last]["adapter"]}, x)
-        record(last, x)
+        if not pooled:
+            record(last, x)
+            if pool:
+                x = spatial_mean(x, time_tokens)
         return x, taps, outputs
 
     def _unit_grad_keys(self) -> tuple[str, ...] | None:
