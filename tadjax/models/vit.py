@@ -413,7 +413,7 @@ def _index(tree, i):
 
 
 def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups: int,
-                         row_axes: Sequence[str] = (), finish=None):
+                         row_axes: Sequence[str] = (), finish=None, head=None):
     """x through n units in turn (then `tail`, if given), each rematerialised from its input
     (checkpoint "full" per unit, as lax.scan of jax.checkpoint'ed units), with less memory.
 
@@ -435,6 +435,14 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
     finish: a row-local function applied to the last stage's output rows group by group (e.g.
     the spatial mean pooling after the ViT), so that neither the full-length output nor its
     cotangent is ever whole: returns finish(output), rows [rows, ...finish's row shape].
+
+    head: (head_fn, head_frozen, head_rows): x computed here, group by group, as
+    head_fn(head_frozen, rows of head_rows) (row-local; head_rows a tuple of row-aligned
+    arrays, e.g. the frames and the drop-path masks of the computation that makes x); x is
+    then only its shape (a jax.ShapeDtypeStruct) and gets no gradient (nor does the head).
+    Slot 0 is then not kept: the forward pass computes x whole for stage 0 (a temporary) and
+    keeps its edge tokens for the halos, the backward pass recomputes each group's rows of x
+    with the head (one more head pass, one slot fewer).
     """
     n = jax.tree_util.tree_leaves(consts)[0].shape[0]
     rg = _RowGroups(x.shape[0], groups, row_axes)
@@ -448,15 +456,23 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             return tail_trained, tail_unit(tail_consts, x.shape)
         return _index(trained, k), unit(frozen, k, _index(consts, k), x.shape)
 
-    flat = rg.devices == 1   # slots [slots_n, rows, ...], groups sliced from the rows
+    flat = rg.devices == 1   # slots [stacked, rows, ...], groups sliced from the rows
+    # With a head, slot 0 (x) is not kept: the stack holds slots 1.. at indices 0..
+    first = 0 if head is None else 1
+    stacked = slots_n - first
+    if head is not None and looped < 1:
+        raise ValueError("scan_units_recompute: a head needs at least two stages")
 
     def view_slots(stack):
         if flat:
             return stack
-        return stack.reshape((slots_n, rg.devices, rg.groups, rg.size) + x.shape[1:])
+        return stack.reshape((stacked, rg.devices, rg.groups, rg.size) + x.shape[1:])
 
     def slot(slots, k):
-        return jax.lax.dynamic_index_in_dim(slots, k, keepdims=False).reshape(x.shape)
+        return jax.lax.dynamic_index_in_dim(slots, k - first, keepdims=False).reshape(x.shape)
+
+    def take_slot(slots, k, g):
+        return rg.take_slot(slots, k - first, g)
 
     def slot_edges(slots, k, edge, add=None):
         """row_edges of slot k, read in place; with `add` (its shape): slots with `add` added
@@ -465,7 +481,7 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         parts = []
         lead = 1 if flat else 3     # the row axes after the slot axis
         for n_, start in enumerate((0, tokens - edge)):
-            at = (k,) + (0,) * lead + (start,) + (0,) * (slots.ndim - 2 - lead)
+            at = (k - first,) + (0,) * lead + (start,) + (0,) * (slots.ndim - 2 - lead)
             part = jax.lax.dynamic_slice(slots, at, (1,) + slots.shape[1:1 + lead] + (edge,)
                                          + slots.shape[2 + lead:])
             if add is None:
@@ -476,6 +492,7 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         return slots if add is not None else jnp.concatenate(parts, axis=1)
 
     def put_slot(slots, k, g, rows):
+        k = k - first
         if flat:
             return jax.lax.dynamic_update_slice(slots, rows[None].astype(slots.dtype),
                                                 (k, g * rg.size) + (0,) * (slots.ndim - 2))
@@ -483,7 +500,20 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         return jax.lax.dynamic_update_slice(slots, rows.astype(slots.dtype),
                                             (k, 0, g) + (0,) * (slots.ndim - 3))
 
-    def primal(trained, frozen, consts, tail_trained, tail_consts, x):
+    def head_rows_of(src, g):
+        """Group g of x: from x, or computed by the head."""
+        head_fn, _, _ = head
+        head_frozen, head_rows = src
+        return head_fn(head_frozen, tuple(rg.take(rg.view(a), g) for a in head_rows))
+
+    def primal_input(src):
+        if head is None:
+            return src
+        return map_row_groups(lambda *r: head[0](src[0], r), src[1], groups, row_axes)
+
+    def primal(trained, frozen, consts, tail_trained, tail_consts, src):
+        x = primal_input(src)
+
         def step(h, xs):
             t, c, i = xs
             f, masks, halos_fn, rows_fn, edge = unit(frozen, i, c, h.shape)
@@ -505,28 +535,40 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         return lambda t, f, r, d, m: finish(rows_fn(t, f, r, d, m))
 
     @jax.custom_vjp
-    def run(trained, frozen, consts, tail_trained, tail_consts, x):
-        return primal(trained, frozen, consts, tail_trained, tail_consts, x)
+    def run(trained, frozen, consts, tail_trained, tail_consts, src):
+        return primal(trained, frozen, consts, tail_trained, tail_consts, src)
 
-    def run_forward(trained, frozen, consts, tail_trained, tail_consts, x):
+    def run_forward(trained, frozen, consts, tail_trained, tail_consts, src):
         args = (trained, frozen, consts, tail_trained, tail_consts)
-        slots = view_slots(jnp.zeros((slots_n,) + x.shape, x.dtype))
-        slots = jax.lax.dynamic_update_index_in_dim(
-            slots, x.reshape(slots.shape[1:]), 0, axis=0)
+        slots = view_slots(jnp.zeros((stacked,) + x.shape, x.dtype))
+        if head is None:
+            slots = jax.lax.dynamic_update_index_in_dim(
+                slots, src.reshape(slots.shape[1:]), 0, axis=0)
 
-        def step(k, slots):  # stage k: slot k -> slot k + 1
+        def run_stage(k, slots, read, edges):
+            """Stage k's groups (input rows read(g), halos from edges), output into slot k + 1."""
             t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k)
-            halos = halos_fn(t, f, slot_edges(slots, k, edge)) if edge else ()
+            halos = halos_fn(t, f, edges(edge)) if edge else ()
             diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
 
             def body(g, slots):
-                rows = rows_fn(t, f, rg.take_slot(slots, k, g),
-                               tuple(rg.take(a, g) for a in diff_v),
+                rows = rows_fn(t, f, read(slots, g), tuple(rg.take(a, g) for a in diff_v),
                                tuple(rg.take(a, g) for a in const_v))
                 return put_slot(slots, k + 1, g, rows)
             return jax.lax.fori_loop(0, rg.groups, body, slots)
 
-        slots = jax.lax.fori_loop(0, looped, step, slots)
+        edges0 = None
+        if head is not None:
+            # x whole for stage 0 (a temporary, freed after it), then kept as its edges only:
+            # the backward pass recomputes its rows from the head.
+            x0 = primal_input(src)
+            edges0 = row_edges(x0, stage(*args, 0)[1][4])
+            x0v = rg.view(x0)
+            slots = run_stage(0, slots, lambda slots, g: rg.take(x0v, g), lambda e: edges0)
+        slots = jax.lax.fori_loop(
+            first, looped, lambda k, slots: run_stage(
+                k, slots, lambda slots, g: take_slot(slots, k, g),
+                lambda e: slot_edges(slots, k, e)), slots)
         t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, looped)
         halos = halos_fn(t, f, slot_edges(slots, looped, edge)) if edge else ()
         if finish is None:
@@ -536,26 +578,28 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
 
             def body(g, yv):
-                return rg.put(yv, g, fn(t, f, rg.take_slot(slots, looped, g),
+                return rg.put(yv, g, fn(t, f, take_slot(slots, looped, g),
                                         tuple(rg.take(a, g) for a in diff_v),
                                         tuple(rg.take(a, g) for a in const_v)))
             y = jax.lax.fori_loop(0, rg.groups, body,
                                   rg.view(jnp.zeros(out.shape, out.dtype))).reshape(out.shape)
-        return y, (args, slots)
+        return y, (args, slots, src if head is not None else None, edges0)
 
     def run_backward(saved, ct):
-        args, slots = saved
+        args, slots, src, edges0 = saved
         trained = args[0]
 
-        def back(k, slots, ct_v):
+        def back(k, slots, ct_v, from_head=False):
             """Stage k's backward pass: input rows from slot k, output cotangent from slot
-            k + 1 (ct_v: from that view instead), input cotangent over slot k."""
+            k + 1 (ct_v: from that view instead), input cotangent over slot k. from_head
+            (stage 0 with a head): input rows recomputed by the head, halos from the saved
+            edges, no input cotangent."""
             t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k)
             if ct_v is not None:    # the last stage
                 rows_fn = finished(rows_fn)
             if edge:
                 halos, halos_vjp = jax.vjp(lambda t, e: halos_fn(t, f, e), t,
-                                           slot_edges(slots, k, edge))
+                                           edges0 if from_head else slot_edges(slots, k, edge))
             else:
                 halos = ()
             diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
@@ -563,16 +607,23 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             def body(g, carry):
                 slots, d_t, d_diff = carry
                 rows_masks = tuple(rg.take(a, g) for a in const_v)
-                _, vjp = jax.vjp(lambda t, r, d: rows_fn(t, f, r, d, rows_masks), t,
-                                 rg.take_slot(slots, k, g), tuple(rg.take(a, g) for a in diff_v))
                 if ct_v is not None:
                     ct_g = rg.take(ct_v, g).astype(out.dtype)
                 else:
-                    ct_g = rg.take_slot(slots, k + 1, g)
-                dt, dx, dd = vjp(ct_g)
+                    ct_g = take_slot(slots, k + 1, g)
+                diff_g = tuple(rg.take(a, g) for a in diff_v)
+                if from_head:
+                    rows = head_rows_of(src, g)
+                    _, vjp = jax.vjp(lambda t, d: rows_fn(t, f, rows, d, rows_masks), t, diff_g)
+                    dt, dd = vjp(ct_g)
+                else:
+                    _, vjp = jax.vjp(lambda t, r, d: rows_fn(t, f, r, d, rows_masks), t,
+                                     take_slot(slots, k, g), diff_g)
+                    dt, dx, dd = vjp(ct_g)
+                    slots = put_slot(slots, k, g, dx)
                 d_t = jax.tree_util.tree_map(jnp.add, d_t, dt)
                 d_diff = tuple(rg.put(b, g, d) for b, d in zip(d_diff, dd))
-                return put_slot(slots, k, g, dx), d_t, d_diff
+                return slots, d_t, d_diff
 
             init = (slots, jax.tree_util.tree_map(jnp.zeros_like, t),
                     tuple(jnp.zeros_like(a) for a in diff_v))
@@ -581,33 +632,38 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
                 return slots, d_t
             d_t_halos, d_edges = halos_vjp(tuple(d.reshape(a.shape)
                                                  for d, a in zip(d_diff, halos)))
-            # The halos' share of the input cotangent: on the edge tokens only.
-            slots = slot_edges(slots, k, edge, add=d_edges)
+            if not from_head:
+                # The halos' share of the input cotangent: on the edge tokens only.
+                slots = slot_edges(slots, k, edge, add=d_edges)
             return slots, jax.tree_util.tree_map(jnp.add, d_t, d_t_halos)
 
         slots, d_last = back(looped, slots, rg.view(ct))
+
+        def put_d(d_trained, d_t, k):
+            return jax.tree_util.tree_map(
+                lambda s, d: jax.lax.dynamic_update_index_in_dim(s, d, k, axis=0), d_trained, d_t)
 
         def step(j, carry):
             slots, d_trained = carry
             k = looped - 1 - j
             slots, d_t = back(k, slots, None)
-            d_trained = jax.tree_util.tree_map(
-                lambda s, d: jax.lax.dynamic_update_index_in_dim(s, d, k, axis=0), d_trained, d_t)
-            return slots, d_trained
+            return slots, put_d(d_trained, d_t, k)
 
         d_trained = jax.tree_util.tree_map(jnp.zeros_like, trained)
-        slots, d_trained = jax.lax.fori_loop(0, looped, step, (slots, d_trained))
+        slots, d_trained = jax.lax.fori_loop(0, looped - first, step, (slots, d_trained))
+        if head is not None:
+            slots, d_t = back(0, slots, None, from_head=True)
+            d_trained = put_d(d_trained, d_t, 0)
         if tail_unit is not None:
             d_tail = d_last
         else:
             d_tail = {}
-            d_trained = jax.tree_util.tree_map(
-                lambda s, d: jax.lax.dynamic_update_index_in_dim(s, d, looped, axis=0),
-                d_trained, d_last)
-        return d_trained, None, None, d_tail, None, slot(slots, 0)
+            d_trained = put_d(d_trained, d_last, looped)
+        return d_trained, None, None, d_tail, None, (slot(slots, 0) if head is None else None)
 
     run.defvjp(run_forward, run_backward)
-    return run(trained, frozen, consts, tail_trained, tail_consts, x)
+    src = x if head is None else (head[1], tuple(head[2]))
+    return run(trained, frozen, consts, tail_trained, tail_consts, src)
 
 
 def spatial_mean(rows, time_tokens: int):
@@ -967,14 +1023,30 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"VisionTransformer: frames {height}x{width} are smaller than one "
                              f"{self.patch_size}-px patch")
         chunks = num_frames // self.chunk_frames
-        x = frames.reshape(videos * chunks, self.chunk_frames, height, width, 3)
-        x = self._embed(constrain_rows(x, self.row_axes), normalize)  # [B·K, t, h, w, C]; VALID drops remainder pixels
-        _, time_tokens, h, w, dim = x.shape
+        rows_in = constrain_rows(frames.reshape(videos * chunks, self.chunk_frames, height, width,
+                                                3), self.row_axes)
+        # Token grid [t, h, w] of a chunk (VALID: remainder pixels dropped).
+        time_tokens, dim = self.chunk_frames // self.tubelet, self.embed_dim
+        h, w = height // self.patch_size, width // self.patch_size
         pos = position_table(dim, time_tokens, self.pretrain_img_size // self.patch_size, (h, w))
-        x = x.astype(jnp.float32).reshape(videos * chunks, time_tokens * h * w, dim) + pos
-        x = constrain_rows(x, self.row_axes)
-        if self.adapter_mode in ("adapter", "frozen", "side"):
-            x = jax.lax.stop_gradient(x)
+        frozen_embed = self.adapter_mode in ("adapter", "frozen", "side")
+
+        def embed_all():
+            x = self._embed(rows_in, normalize)  # [B·K, t, h, w, C]
+            x = x.astype(jnp.float32).reshape(videos * chunks, time_tokens * h * w, dim) + pos
+            x = constrain_rows(x, self.row_axes)
+            return jax.lax.stop_gradient(x) if frozen_embed else x
+
+        embed = None
+        if frozen_embed and not self.is_initializing():
+            # The embedding as a row-local function, for _run_blocks to compute group by group.
+            conv = self._patch_conv(parent=None)
+
+            def embed_rows(p, rows):
+                y = conv.apply({"params": p}, rows if normalize is None else normalize(rows))
+                return y.astype(jnp.float32).reshape(rows.shape[0], time_tokens * h * w, dim) + pos
+            embed = (embed_rows, jax.lax.stop_gradient(self.variables["params"]["patch_embed"]),
+                     rows_in, (videos * chunks, time_tokens * h * w, dim))
 
         if block_mask is not None:
             block_mask = jnp.asarray(block_mask)
@@ -983,8 +1055,9 @@ class VisionTransformer(nn.Module):
                                  f"original block index), got {block_mask.shape}")
         collect = self.is_mutable_collection("intermediates")
         pool = not return_tokens and self.adapter_mode != "side"
-        x, taps, outputs = self._run_blocks(x, videos=videos, time_tokens=time_tokens, train=train,
-                                            block_mask=block_mask, collect=collect, pool=pool)
+        x, taps, outputs = self._run_blocks(embed_all, videos=videos, time_tokens=time_tokens,
+                                            train=train, block_mask=block_mask, collect=collect,
+                                            pool=pool, embed=embed)
         if collect:
             self.sow("intermediates", "block_outputs", outputs)
         if self.adapter_mode == "frozen":
@@ -1027,12 +1100,19 @@ class VisionTransformer(nn.Module):
             keys = jnp.zeros((self.depth,), jnp.uint32)
         return use, keys, rates
 
-    def _run_blocks(self, x, *, videos, time_tokens, train, block_mask=None, collect=False,
-                    pool=False):
-        """Returns (output of the last block, {block index: output} for the side taps,
-        {"i": output of block i} if `collect` else {}); with `pool`, the output averaged over
-        space (spatial_mean: [rows, time_tokens, C]), inside the last recomputed run where
-        there is one (so the full-length output and its cotangent never exist whole)."""
+    def _run_blocks(self, x_fn, *, videos, time_tokens, train, block_mask=None, collect=False,
+                    pool=False, embed=None):
+        """The blocks on the tokens x = x_fn() [rows, tokens, C]. Returns (output of the last
+        block, {block index: output} for the side taps, {"i": output of block i} if `collect`
+        else {}); with `pool`, the output averaged over space (spatial_mean: [rows,
+        time_tokens, C]), inside the last recomputed run where there is one (so the
+        full-length output and its cotangent never exist whole).
+
+        embed: (embed_rows(params, rows) -> token rows, params, rows, x's shape): x as a frozen
+        row-local function of row-aligned input (the patch embedding of the frames). Where the first
+        unit (block 0's attention + MLP, frozen) is followed by a run of scan_units_recompute,
+        the embedding and that unit are its head: computed group by group into the stack's
+        first slot, so that neither x nor block 0's output exists whole beside the stack."""
         use_drop_path, keys, rates = self._drop_inputs(train)
         tapped = set(self._adapter_indices()) if self.adapter_mode == "side" else set()
         call_kw = dict(videos=videos, time_tokens=time_tokens, use_drop_path=use_drop_path)
@@ -1048,6 +1128,7 @@ class VisionTransformer(nn.Module):
             return jax.lax.cond(keep, fn, lambda h: h, h)
 
         if self.is_initializing():  # create the parameters through the ordinary submodules
+            x = x_fn()
             for i in kept:
                 x = self.blocks[str(i)](x, keys[i], rates[i], **call_kw)
                 if i in tapped:
@@ -1133,7 +1214,11 @@ class VisionTransformer(nn.Module):
         # With remat "full", chunk groups and only the TIAs trained (AdaTAD's case), each run
         # of units and the last TIA go through scan_units_recompute: the same values and
         # gradients, with the kept unit inputs read in place in the backward pass.
-        groups = device_row_groups(x.shape[0], self.chunk_group, self.row_axes)
+        rows = embed[3][0] if embed is not None else None
+        if rows is None:
+            x = x_fn()
+            rows = x.shape[0]
+        groups = device_row_groups(rows, self.chunk_group, self.row_axes)
         in_place = (self.scan_blocks and self.remat_policy == "full" and groups > 1
                     and not self.remat_input_dtype and self._unit_grad_keys() == ("adapter",))
 
@@ -1150,12 +1235,39 @@ class VisionTransformer(nn.Module):
                                keep=keep if gated else None, videos=videos,
                                time_tokens=time_tokens)
 
+        def recomputed(run):
+            """Whether a run goes through scan_units_recompute."""
+            (first, with_adapter, prev_tapped), units = run
+            need_prev = not first and (collect or prev_tapped)
+            return in_place and with_adapter and pick_mix and len(units) > 1 and not need_prev
+
+        head = None
+        if embed is not None and len(runs) > 1 and recomputed(runs[1]):
+            # The embedding and unit 0 (block kept[0]'s attention + MLP, no TIA before it, all
+            # frozen here) as the head of the next run.
+            embed_rows, embed_params, rows_in, rows_shape = embed
+            first_block = kept[0]
+            unit0, masks0, _, rows0_fn, _ = unit_pieces(
+                mixer, {"mix": unit_params(0)["mix"]}, keys[first_block], rates[first_block],
+                rows_shape, has_adapter=False, use_drop_path=use_drop_path,
+                keep=None if block_mask is None else keep_flags[first_block],
+                videos=videos, time_tokens=time_tokens)
+
+            def head_fn(hf, rows):
+                return rows0_fn({}, hf["unit"], embed_rows(hf["embed"], rows[0]), (), rows[1:])
+            head = (head_fn, {"embed": embed_params, "unit": unit0}, (rows_in, *masks0))
+            x = jax.ShapeDtypeStruct(rows_shape, jnp.float32)
+            runs = runs[1:]
+        elif embed is not None:
+            x = x_fn()
+
         tail_done = pooled = False
-        for (first, with_adapter, prev_tapped), units in runs:
+        for run_ in runs:
+            (first, with_adapter, prev_tapped), units = run_
             pick = pick_mix and len(units) > 1
             need_prev = not first and (collect or prev_tapped)
             cur = np.asarray([kept[j] for j in units])
-            if in_place and with_adapter and pick and not need_prev:
+            if recomputed(run_):
                 trained = jax.tree_util.tree_map(
                     lambda *a: jnp.stack(a), *[{"adapter": params[kept[j - 1]]["adapter"]}
                                                for j in units])
@@ -1175,7 +1287,8 @@ class VisionTransformer(nn.Module):
                 x = scan_units_recompute(
                     unit_of, trained, [unit_params(j)["mix"] for j in units],
                     (keys[cur], rates[cur], keep_flags[prev], keep_flags[cur]), x, tail,
-                    groups=groups, row_axes=self.row_axes, finish=finish)
+                    groups=groups, row_axes=self.row_axes, finish=finish, head=head)
+                head = None
                 continue
             fn = picking_unit_fn if pick else unit_fn
             if self.remat_input_dtype:
