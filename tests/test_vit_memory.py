@@ -205,6 +205,37 @@ def test_scan_units_recompute_matches_scanned_checkpointed_units(groups, pool):
     assert float(jnp.max(jnp.abs(got[1][0]["adapter"]["down"]["kernel"]))) > 0
 
 
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_scan_units_recompute_head_matches_given_input(groups):
+    """With a head (x computed from row-aligned inputs, recomputed group by group in the
+    backward pass instead of kept), the values and the gradients of the TIAs are those with x
+    computed beforehand and given."""
+    x, trained, mixes, consts, tail, unit = _units_case()
+    w = jax.random.normal(jax.random.key(7), (x.shape[-1], x.shape[-1])) / 4
+    noise = jax.random.normal(jax.random.key(8), x.shape)
+
+    def head_fn(hf, rows):
+        return jnp.tanh(rows[0] @ hf["w"]) + rows[1]
+
+    def loss(trained, tail_trained, with_head):
+        t = (tail[0], tail_trained, tail[2])
+        if with_head:
+            shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+            y = vit.scan_units_recompute(unit, trained, mixes, consts, shape, t, groups=groups,
+                                         head=(head_fn, {"w": w}, (x, noise)))
+        else:
+            y = vit.scan_units_recompute(unit, trained, mixes, consts,
+                                         head_fn({"w": w}, (x, noise)), t, groups=groups)
+        return jnp.sum(jnp.sin(y) * jnp.linspace(-1, 1, y.shape[-1]))
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    got = jax.jit(grad, static_argnums=2)(trained, tail[1], True)
+    want = jax.jit(grad, static_argnums=2)(trained, tail[1], False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+    assert float(jnp.max(jnp.abs(got[1][0]["adapter"]["down"]["kernel"]))) > 0
+
+
 def test_scan_units_recompute_holds_fewer_temporaries():
     """16 rows in groups of one, 4 units + tail: the stack of unit inputs and one cotangent,
     where lax.scan of checkpointed units also held a copy of the unit input and a second
@@ -330,8 +361,10 @@ def test_remat_input_dtype_values_and_gradients(mode, blocks, chunk_group):
     y0, g0 = value_and_grad(base)
     y32, g32 = value_and_grad(base.clone(remat_input_dtype="float32"))
     y16, g16 = value_and_grad(base.clone(remat_input_dtype="bfloat16"))
-    np.testing.assert_array_equal(y32, y0)
-    np.testing.assert_array_equal(y16, y0)
+    # The forward values are those of float32 (bfloat16 rounding would show at ~1e-3): equal up
+    # to the last bit or so that two differently fused programs may differ by on XLA:CPU.
+    np.testing.assert_allclose(y32, y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y16, y0, rtol=1e-6, atol=1e-6)
     for name, a in g0.items():
         np.testing.assert_allclose(g32[name], a, atol=1e-5, rtol=1e-5, err_msg=name)
         scale = np.abs(a).max()
