@@ -1111,8 +1111,8 @@ class VisionTransformer(nn.Module):
         embed: (embed_rows(params, rows) -> token rows, params, rows, x's shape): x as a frozen
         row-local function of row-aligned input (the patch embedding of the frames). Where the first
         unit (block 0's attention + MLP, frozen) is followed by a run of scan_units_recompute,
-        the embedding and that unit are its head: computed group by group into the stack's
-        first slot, so that neither x nor block 0's output exists whole beside the stack."""
+        the embedding and that unit are its head: block 0's output is not kept for the backward
+        pass but recomputed there group by group from the frames (one block input fewer)."""
         use_drop_path, keys, rates = self._drop_inputs(train)
         tapped = set(self._adapter_indices()) if self.adapter_mode == "side" else set()
         call_kw = dict(videos=videos, time_tokens=time_tokens, use_drop_path=use_drop_path)
