@@ -1029,7 +1029,7 @@ class VisionTransformer(nn.Module):
         time_tokens, dim = self.chunk_frames // self.tubelet, self.embed_dim
         h, w = height // self.patch_size, width // self.patch_size
         pos = position_table(dim, time_tokens, self.pretrain_img_size // self.patch_size, (h, w))
-        frozen_embed = self.adapter_mode in ("adapter", "frozen", "side")
+        frozen_embed = self._frozen_embedding()
 
         def embed_all():
             x = self._embed(rows_in, normalize)  # [B·K, t, h, w, C]
@@ -1040,13 +1040,12 @@ class VisionTransformer(nn.Module):
         embed = None
         if frozen_embed and not self.is_initializing():
             # The embedding as a row-local function, for _run_blocks to compute group by group.
-            conv = self._patch_conv(parent=None)
+            conv_fn, conv_params = self._patch_embed_fn(normalize)
 
             def embed_rows(p, rows):
-                y = conv.apply({"params": p}, rows if normalize is None else normalize(rows))
+                y = conv_fn(p, rows)
                 return y.astype(jnp.float32).reshape(rows.shape[0], time_tokens * h * w, dim) + pos
-            embed = (embed_rows, jax.lax.stop_gradient(self.variables["params"]["patch_embed"]),
-                     rows_in, (videos * chunks, time_tokens * h * w, dim))
+            embed = (embed_rows, conv_params, rows_in, (videos * chunks, time_tokens * h * w, dim))
 
         if block_mask is not None:
             block_mask = jnp.asarray(block_mask)
@@ -1084,12 +1083,24 @@ class VisionTransformer(nn.Module):
         groups = device_row_groups(x.shape[0], self.chunk_group, self.row_axes)
         if groups == 1 or self.is_initializing():
             return self.patch_embed(normalize(x))
+        conv_fn, params = self._patch_embed_fn(normalize)
+        return map_row_groups(lambda rows: conv_fn(params, rows), (x,), groups, self.row_axes)
+
+    def _frozen_embedding(self) -> bool:
+        """Whether the patch embedding gets no gradient (the modes that freeze the ViT)."""
+        return self.adapter_mode in ("adapter", "frozen", "side")
+
+    def _patch_embed_fn(self, normalize):
+        """(fn(params, frame rows) -> patch tokens [rows, t, h, w, C], `normalize` first when
+        given; the embedding's parameters, under stop_gradient where it is frozen)."""
         params = self.variables["params"]["patch_embed"]
-        if self.adapter_mode in ("adapter", "frozen", "side"):  # frozen, as the embedding's output
+        if self._frozen_embedding():
             params = jax.lax.stop_gradient(params)
         conv = self._patch_conv(parent=None)
-        return map_row_groups(lambda rows: conv.apply({"params": params}, normalize(rows)), (x,),
-                              groups, self.row_axes)
+
+        def fn(p, rows):
+            return conv.apply({"params": p}, rows if normalize is None else normalize(rows))
+        return fn, params
 
     def _drop_inputs(self, train: bool):
         use = bool(train) and self.drop_path_rate > 0
