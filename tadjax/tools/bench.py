@@ -36,11 +36,8 @@ def reset_peak_rss() -> bool:
     """Restart Linux's resident-memory high-water mark (VmHWM) from the current RSS, after
     handing the C heap's free memory (e.g. what compilation used) back to the system.
     False where /proc/self/clear_refs cannot be written (not Linux, or not allowed)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    import tadjax
+    tadjax.release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -66,10 +63,19 @@ def peak_rss_bytes_since_reset() -> int:
     return peak_rss_bytes() if peak is None else peak
 
 
-def time_steps(step, steps: int) -> dict:
-    """Runs `step()` (which must block until its work is done) once as a warm-up (compilation),
-    then `steps` timed times. Median and all step times, and the peak resident memory overall
-    and during the timed steps alone (compilation and the warm-up's allocations excluded)."""
+def time_steps(step, steps: int, compile=None) -> dict:
+    """Runs `compile()` if given (ahead-of-time compilation of what `step` runs, then the heap's
+    freed memory handed back, as the trainer does), `step()` (which must block until its work
+    is done) once as a warm-up, then `steps` timed times. Median and all step times, and the
+    peak resident memory overall and during the timed steps alone (compilation and the
+    warm-up's allocations excluded)."""
+    compile_seconds = None
+    if compile is not None:
+        import tadjax
+        t0 = time.time()
+        compile()
+        compile_seconds = time.time() - t0
+        tadjax.release_freed_memory()
     t0 = time.time()
     step()
     first = time.time() - t0
@@ -82,7 +88,7 @@ def time_steps(step, steps: int) -> dict:
         step()
         times.append(time.time() - t0)
     return {"step_seconds": statistics.median(times), "step_seconds_all": times,
-            "first_step_seconds": first,
+            "first_step_seconds": first, "compile_seconds": compile_seconds,
             "peak_rss_bytes": max(peak_overall, peak_rss_bytes()),
             "peak_rss_bytes_steps": peak_rss_bytes_since_reset() if reset else None,
             "rss_bytes_before_steps": rss_before_steps}
@@ -139,11 +145,14 @@ def bench_step(args, overrides) -> dict:
     box = {"state": state}
 
     def one_step():
-        box["state"], metrics = step(box["state"], batch)
+        box["state"], metrics = box["step"](box["state"], batch)
         jax.block_until_ready(metrics)
         box["metrics"] = metrics
 
-    timing = time_steps(one_step, args.steps)
+    def compile():
+        box["step"] = step.lower(box["state"], batch).compile()
+
+    timing = time_steps(one_step, args.steps, compile)
     metrics = box["metrics"]
     return {"benchmark": "step", "config": args.config, "frames": frames_shape[1],
             "img_size": frames_shape[2], "batch_size": b, "dtype": config.model.dtype,

@@ -13,7 +13,8 @@ AdaTAD reference runs it: `torch.nn.functional.scaled_dot_product_attention`, ea
 under `torch.utils.checkpoint` except the first (its input needs no gradient), float32, the
 process's threads as torch chooses. The tadjax side is the config's backbone (scanned blocks,
 remat, chunk groups) under `jax.jit`. Each side runs in its own process (so that each peak
-memory is its own), one warm-up step, then `--steps` timed steps; memory is the peak resident
+memory is its own; both import `tadjax`, so both run under its process defaults, e.g. glibc's
+malloc arenas), one warm-up step, then `--steps` timed steps; memory is the peak resident
 set (VmHWM) over the timed steps, and over the whole process.
 
 The machine is shared and noisy: compare the ratios printed here, measured in one run. Needs
@@ -95,10 +96,13 @@ def run_tadjax(config, frames: int, steps: int) -> dict:
     box = {"t": trainable, "o": opt}
 
     def one():
-        box["t"], box["o"], loss = step(box["t"], box["o"], frozen, x)
+        box["t"], box["o"], loss = box["step"](box["t"], box["o"], frozen, x)
         jax.block_until_ready(loss)
 
-    return time_steps(one, steps)
+    def compile():   # ahead of time, as the trainer compiles its step
+        box["step"] = step.lower(box["t"], box["o"], frozen, x).compile()
+
+    return time_steps(one, steps, compile)
 
 
 def run_torch(size: dict, frames: int, steps: int) -> dict:
