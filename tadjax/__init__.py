@@ -38,6 +38,12 @@ _set_xla_defaults()
 M_ARENA_MAX = -8   # mallopt parameter number (glibc malloc.h)
 
 
+def _glibc():
+    """glibc's C library (OSError where there is none, e.g. macOS or musl)."""
+    import ctypes
+    return ctypes.CDLL("libc.so.6")
+
+
 def malloc_arenas() -> int:
     """The arena limit tadjax sets: one per 8 CPU cores, at least one."""
     return max(1, (_os.cpu_count() or 1) // 8)
@@ -48,8 +54,7 @@ def _set_malloc_defaults():
             or "arena_max" in _os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, malloc_arenas())
+        _glibc().mallopt(M_ARENA_MAX, malloc_arenas())
     except (OSError, AttributeError):   # not glibc
         pass
 
@@ -62,8 +67,7 @@ def release_freed_memory() -> bool:
     compiling a step used and freed, which otherwise stays resident for the whole run. The
     trainer calls it once its train step is compiled. False where there is no glibc."""
     try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _glibc().malloc_trim(0)
         return True
     except (OSError, AttributeError):
         return False
