@@ -11,12 +11,18 @@ import pytest
 import tadjax
 
 
-def flags_after_import(**env):
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TADJAX_XLA_DEFAULTS")}
-    out = subprocess.run([sys.executable, "-c", "import os, tadjax; print(os.environ.get("
-                          "'XLA_FLAGS', '<unset>'))"], env={**base, **env}, capture_output=True,
+def run_after_import(code, env, unset):
+    """stdout and stderr of `code` run by a fresh Python with `env`, none of `unset` inherited."""
+    base = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
                          text=True, check=True)
-    return out.stdout.strip()
+    return out.stdout, out.stderr
+
+
+def flags_after_import(**env):
+    out, _ = run_after_import("import os, tadjax; print(os.environ.get('XLA_FLAGS', '<unset>'))",
+                              env, ("XLA_FLAGS", "TADJAX_XLA_DEFAULTS"))
+    return out.strip()
 
 
 def test_defaults_added_to_the_users_flags():
@@ -31,16 +37,19 @@ def test_a_flag_the_user_set_is_kept_and_defaults_can_be_off():
     assert flags_after_import(TADJAX_XLA_DEFAULTS="0") == "<unset>"
 
 
+# More threads, all alive at once, than tadjax's arena limit (or 5): without a limit each gets
+# an arena of its own.
 ARENAS = r"""
 import ctypes, threading
 import tadjax
-bufs, barrier = [], threading.Barrier(6)
+n = max(tadjax.malloc_arenas(), 5) + 1
+bufs, barrier = [], threading.Barrier(n)
 def work():
-    barrier.wait()          # all six threads alive at once: each may get an arena
+    barrier.wait()
     for _ in range(20):
         bufs.append(bytearray(200_000))
     barrier.wait()
-threads = [threading.Thread(target=work) for _ in range(6)]
+threads = [threading.Thread(target=work) for _ in range(n)]
 [t.start() for t in threads]
 [t.join() for t in threads]
 ctypes.CDLL("libc.so.6").malloc_stats()   # one "Arena i:" section per arena, on stderr
@@ -48,11 +57,9 @@ ctypes.CDLL("libc.so.6").malloc_stats()   # one "Arena i:" section per arena, on
 
 
 def arenas_after_import(**env):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("MALLOC_ARENA_MAX", "TADJAX_MALLOC_DEFAULTS", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", ARENAS], env={**base, **env},
-                         capture_output=True, text=True, check=True)
-    return out.stderr.count("Arena ")
+    _, err = run_after_import(ARENAS, env,
+                              ("MALLOC_ARENA_MAX", "TADJAX_MALLOC_DEFAULTS", "GLIBC_TUNABLES"))
+    return err.count("Arena ")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
