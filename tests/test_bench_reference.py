@@ -30,3 +30,23 @@ def test_reference_torch_side_runs_in_a_process_without_jax():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["jax_imported"] is False
     assert out["step_seconds"] > 0 and out["peak_rss_bytes"] >= out["peak_rss_bytes_steps"] > 0
+
+
+@pytest.mark.slow
+def test_reference_rounds_alternate_and_report_the_median_ratio():
+    """--rounds 2: four processes (each side twice); the figures are the rounds' median ratio,
+    each side's median step time and its largest peak."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tadjax.tools.bench", "reference", "--config", REPO_CONFIG,
+         "--frames", "32", "--steps", "1", "--rounds", "2", "--json"],
+        capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rounds"] == 2 and len(out["time_ratios"]) == 2
+    j, t = out["tadjax"], out["torch"]
+    assert len(j["step_seconds_rounds"]) == len(t["step_seconds_rounds"]) == 2
+    ratios = [a / b for a, b in zip(j["step_seconds_rounds"], t["step_seconds_rounds"])]
+    assert out["time_ratios"] == pytest.approx(ratios)
+    assert out["time_ratio"] == pytest.approx(sum(ratios) / 2)    # the median of two
+    assert j["step_seconds"] == pytest.approx(sum(j["step_seconds_rounds"]) / 2)
+    assert out["memory_ratio_steps"] == pytest.approx(
+        j["peak_rss_bytes_steps"] / t["peak_rss_bytes_steps"])

@@ -6,7 +6,7 @@
       (overall, compilation included, and during the timed steps only)
   python -m tadjax.tools.bench loader [--json]     loader throughput (frames/s at 160 px)
   python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
-  python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256] [--json]
+  python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256] [--rounds R] [--json]
       the backbone's adapter step (ViT + TIA, remat) in tadjax and in a PyTorch reference, one
       process each, with time and memory ratios (tadjax/tools/bench_reference.py; needs torch)
   python -m tadjax.tools.bench blockdrop --config configs/adatad_thumos_s.py --drop 3 [--json]

@@ -1,7 +1,7 @@
 """Side-by-side: the backbone's adapter-training step in tadjax and in a PyTorch reference, one run.
 
   python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256]
-         [--steps 2] [--json]
+         [--steps 2] [--rounds 1] [--json]
 
 Both sides run the same work on random 0-255 frames [1, frames, px, px, 3], uint8 as both
 pipelines deliver them (decoded video; the reference normalises on the device in its data
@@ -17,13 +17,18 @@ memory is its own; both import `tadjax`, so both run under its process defaults,
 malloc arenas), one warm-up step, then `--steps` timed steps; memory is the peak resident
 set (VmHWM) over the timed steps, and over the whole process.
 
-The machine is shared and noisy: compare the ratios printed here, measured in one run. Needs
+The machine is shared and noisy: compare the ratios printed here, measured in one run. With
+`--rounds R` the two sides run R times each, alternating (tadjax first in even rounds, PyTorch
+first in odd ones, so that a drift of the machine's load falls on both), and the figures are the
+median time ratio over the rounds (with every round's ratio listed), each side's median step
+time, and each side's largest peak. Needs
 torch (`pip install -e ".[torch]"`); no weights are downloaded (both sides use random weights).
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -34,6 +39,8 @@ def add_arguments(p):
     p.add_argument("--config", required=True)
     p.add_argument("--frames", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the two sides this many times each, alternating which goes first")
     p.add_argument("--json", action="store_true")
     p.add_argument("--side", choices=["both", "tadjax", "torch"], default="both",
                    help="run one side in this process (used internally; 'both' spawns one "
@@ -193,19 +200,39 @@ def run(args, overrides) -> dict:
         return run_tadjax(config, args.frames, args.steps)
     if args.side == "torch":
         return run_torch(sizes(config), args.frames, args.steps)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     size = json.dumps(sizes(config))
-    results = {}
-    for side in ("tadjax", "torch"):
+
+    def one_side(side):
         cmd = [sys.executable, "-m", "tadjax.tools.bench", "reference", "--config", args.config,
                "--frames", str(args.frames), "--steps", str(args.steps), "--side", side,
                "--json", *(["--sizes", size] if side == "torch" else []), *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode:
             raise RuntimeError(f"bench reference --side {side} failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    j, t = results["tadjax"], results["torch"]
-    return {"benchmark": "reference", "config": args.config, "frames": args.frames,
-            "tadjax": j, "torch": t,
-            "time_ratio": j["step_seconds"] / t["step_seconds"],
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    rounds = []
+    for r in range(args.rounds):
+        order = ("tadjax", "torch") if r % 2 == 0 else ("torch", "tadjax")
+        out = {side: one_side(side) for side in order}
+        rounds.append({"tadjax": out["tadjax"], "torch": out["torch"],
+                       "time_ratio": out["tadjax"]["step_seconds"] / out["torch"]["step_seconds"]})
+    result = {"benchmark": "reference", "config": args.config, "frames": args.frames}
+    if args.rounds == 1:
+        j, t = rounds[0]["tadjax"], rounds[0]["torch"]
+    else:
+        def summary(side):
+            runs = [r[side] for r in rounds]
+            return {"step_seconds": statistics.median(r["step_seconds"] for r in runs),
+                    "step_seconds_rounds": [r["step_seconds"] for r in runs],
+                    "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+                    "peak_rss_bytes_steps": max(r["peak_rss_bytes_steps"] for r in runs)}
+        j, t = summary("tadjax"), summary("torch")
+        result["rounds"] = args.rounds
+        result["time_ratios"] = [r["time_ratio"] for r in rounds]
+    return {**result, "tadjax": j, "torch": t,
+            "time_ratio": statistics.median(r["time_ratio"] for r in rounds),
             "memory_ratio_steps": j["peak_rss_bytes_steps"] / t["peak_rss_bytes_steps"],
             "memory_ratio_overall": j["peak_rss_bytes"] / t["peak_rss_bytes"]}
