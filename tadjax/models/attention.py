@@ -32,25 +32,9 @@ def _forward(q, k, v):
     return out, probs
 
 
-def _forward_by_head(q, k, v):
-    """The forward pass alone (no residuals kept), one head after another on XLA:CPU.
-
-    There, the all-heads version of a pass that keeps nothing is compiled into one YNNPACK
-    subgraph (scores, softmax and both products) that ran a VideoMAE-S chunk row (6 heads of
-    800 tokens) in 23 ms, against 11 ms one head at a time (measured on this project's 2-core
-    machine). The pass that keeps P for the backward is not fused that way, and looping over
-    heads there made forward + backward slower (45 vs 27 ms), so it is left as it is. Other
-    backends keep the all-heads version."""
-    if jax.default_backend() != "cpu" or q.shape[1] == 1:
-        return _forward(q, k, v)[0]
-    by_head = tuple(jnp.moveaxis(x, 1, 0)[:, :, None] for x in (q, k, v))  # [heads, rows, 1, t, d]
-    out = jax.lax.map(lambda qkv: _forward(*qkv)[0], by_head)
-    return jnp.moveaxis(out[:, :, 0], 0, 1)
-
-
 @jax.custom_vjp
 def _attention_heads_first(q, k, v):
-    return _forward_by_head(q, k, v)
+    return _forward(q, k, v)[0]
 
 
 def _attention_fwd(q, k, v):
