@@ -87,10 +87,13 @@ def time_steps(step, steps: int, compile=None) -> dict:
         t0 = time.time()
         step()
         times.append(time.time() - t0)
+    # The steps' peak first: the overall peak includes it (the kernel's ru_maxrss can lag
+    # VmHWM by what was allocated since it was last updated).
+    peak_steps = peak_rss_bytes_since_reset() if reset else None
     return {"step_seconds": statistics.median(times), "step_seconds_all": times,
             "first_step_seconds": first, "compile_seconds": compile_seconds,
-            "peak_rss_bytes": max(peak_overall, peak_rss_bytes()),
-            "peak_rss_bytes_steps": peak_rss_bytes_since_reset() if reset else None,
+            "peak_rss_bytes": max(peak_overall, peak_rss_bytes(), peak_steps or 0),
+            "peak_rss_bytes_steps": peak_steps,
             "rss_bytes_before_steps": rss_before_steps}
 
 

@@ -223,16 +223,21 @@ def run(args, overrides) -> dict:
     if args.rounds == 1:
         j, t = rounds[0]["tadjax"], rounds[0]["torch"]
     else:
+        def largest(runs, key):  # None where a side could not reset its peak (not Linux)
+            values = [r[key] for r in runs]
+            return None if None in values else max(values)
+
         def summary(side):
             runs = [r[side] for r in rounds]
             return {"step_seconds": statistics.median(r["step_seconds"] for r in runs),
                     "step_seconds_rounds": [r["step_seconds"] for r in runs],
-                    "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
-                    "peak_rss_bytes_steps": max(r["peak_rss_bytes_steps"] for r in runs)}
+                    "peak_rss_bytes": largest(runs, "peak_rss_bytes"),
+                    "peak_rss_bytes_steps": largest(runs, "peak_rss_bytes_steps")}
         j, t = summary("tadjax"), summary("torch")
         result["rounds"] = args.rounds
         result["time_ratios"] = [r["time_ratio"] for r in rounds]
+    ratio = lambda key: None if j[key] is None or t[key] is None else j[key] / t[key]
     return {**result, "tadjax": j, "torch": t,
             "time_ratio": statistics.median(r["time_ratio"] for r in rounds),
-            "memory_ratio_steps": j["peak_rss_bytes_steps"] / t["peak_rss_bytes_steps"],
-            "memory_ratio_overall": j["peak_rss_bytes"] / t["peak_rss_bytes"]}
+            "memory_ratio_steps": ratio("peak_rss_bytes_steps"),
+            "memory_ratio_overall": ratio("peak_rss_bytes")}
