@@ -236,7 +236,10 @@ def run(args, overrides) -> dict:
         j, t = summary("tadjax"), summary("torch")
         result["rounds"] = args.rounds
         result["time_ratios"] = [r["time_ratio"] for r in rounds]
-    ratio = lambda key: None if j[key] is None or t[key] is None else j[key] / t[key]
+
+    def ratio(key):
+        return None if j[key] is None or t[key] is None else j[key] / t[key]
+
     return {**result, "tadjax": j, "torch": t,
             "time_ratio": statistics.median(r["time_ratio"] for r in rounds),
             "memory_ratio_steps": ratio("peak_rss_bytes_steps"),
