@@ -50,3 +50,29 @@ def test_reference_rounds_alternate_and_report_the_median_ratio():
     assert j["step_seconds"] == pytest.approx(sum(j["step_seconds_rounds"]) / 2)
     assert out["memory_ratio_steps"] == pytest.approx(
         j["peak_rss_bytes_steps"] / t["peak_rss_bytes_steps"])
+
+
+@pytest.mark.slow
+def test_bench_step_reports_what_its_memory_is_made_of():
+    """`bench step` on the demo: the train state's bytes equal the parameters' counted from the
+    tree (params + two AdamW moments and an EMA of the trainable ones), and the peak covers the
+    process after imports plus the state."""
+    import jax
+    import numpy as np
+    from tadjax.train.trainer import Run
+    proc = subprocess.run(
+        [sys.executable, "-m", "tadjax.tools.bench", "step", "--config", REPO_CONFIG,
+         "--frames", "32", "--steps", "1", "--json"],
+        capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    config = load_config(REPO_CONFIG, [])
+    with config.unlocked():
+        config.data.window = 32 // int(config.data.scale_factor)
+    run = Run(config, None, with_data=False)
+    sizes = [int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_params)]
+    mask = jax.tree.leaves(run.mask)
+    trainable = sum(s for s, m in zip(sizes, mask) if m)
+    expected = sum(sizes) + 3 * trainable      # params, mu, nu, EMA
+    assert abs(out["state_bytes"] - expected) < 1024, (out["state_bytes"], expected)
+    assert out["compiled_temp_bytes"] > 0
+    assert out["peak_rss_bytes"] >= out["rss_bytes_after_imports"] + out["state_bytes"]

@@ -3,7 +3,8 @@
   python -m tadjax.tools.bench step --config configs/adatad_thumos_s.py [--frames 256]
          [--dtype float32|bfloat16] [--steps 3] [--json]
       median wall time of a training step on random input, and the process's peak memory
-      (overall, compilation included, and during the timed steps only)
+      (overall, compilation included, and during the timed steps only), with what it is made
+      of: the process after its imports, the train state, the compiled step's temporaries
   python -m tadjax.tools.bench loader [--json]     loader throughput (frames/s at 160 px)
   python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
   python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256] [--rounds R] [--json]
@@ -115,6 +116,7 @@ def bench_step(args, overrides) -> dict:
     from tadjax.train import state as state_lib
     from tadjax.train.trainer import Run
 
+    rss_after_imports = _proc_status_bytes("VmRSS")
     extra = []
     if args.dtype:
         extra += [f"--config.model.dtype={args.dtype}"]
@@ -154,13 +156,20 @@ def bench_step(args, overrides) -> dict:
 
     def compile():
         box["step"] = step.lower(box["state"], batch).compile()
+        analysis = box["step"].memory_analysis()
+        box["temp_bytes"] = None if analysis is None else int(analysis.temp_size_in_bytes)
 
+    state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state))
     timing = time_steps(one_step, args.steps, compile)
     metrics = box["metrics"]
     return {"benchmark": "step", "config": args.config, "frames": frames_shape[1],
             "img_size": frames_shape[2], "batch_size": b, "dtype": config.model.dtype,
             "remat_policy": config.model.backbone.remat_policy,
             **timing,
+            # where the memory goes: the process after its imports, the train state (params,
+            # optimizer state, EMA), and XLA's temporaries of the compiled step
+            "rss_bytes_after_imports": rss_after_imports, "state_bytes": state_bytes,
+            "compiled_temp_bytes": box["temp_bytes"],
             "chunk_group": int(config.model.backbone.get("chunk_group", 0) or 0),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "loss": float(metrics["loss"])}
