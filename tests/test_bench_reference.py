@@ -65,10 +65,7 @@ def test_bench_step_reports_what_its_memory_is_made_of():
          "--frames", "32", "--steps", "1", "--json"],
         capture_output=True, text=True, check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    config = load_config(REPO_CONFIG, [])
-    with config.unlocked():
-        config.data.window = 32 // int(config.data.scale_factor)
-    run = Run(config, None, with_data=False)
+    run = Run(load_config(REPO_CONFIG, []), None, with_data=False)  # parameters: any length
     sizes = [int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_params)]
     mask = jax.tree.leaves(run.mask)
     trainable = sum(s for s, m in zip(sizes, mask) if m)
