@@ -465,3 +465,37 @@ def test_scanned_frozen_weights_are_not_stacked():
     stack = 5 * per_block * 4  # units 1-5 (one scan), float32
     assert grad_temp_bytes(model, x, params) < stack // 2
     assert grad_temp_bytes(model.clone(adapter_mode="adapter_full"), x, params) > stack
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_block0_output_recomputed_or_kept_gives_the_same_values_and_gradients(recompute):
+    """TIAs alone trained through the recomputed chunk groups (AdaTAD's case), uint8 frames
+    normalised in the groups: whether block 0's output is computed again in the backward pass
+    from the frames (recompute_embedding, the patch convolution then runs twice in the
+    gradient) or kept, the values and adapter gradients are those of the ungrouped blocks."""
+    from tadjax.models.detector import normalize_frames
+    norm = functools.partial(normalize_frames, dtype=jnp.float32)
+    base = tiny(depth=4, adapter_mode="adapter", remat_policy="full", scan_blocks=True)
+    raw = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 32, 16, 16, 3)), jnp.uint8)
+    params = random_params(base, norm(raw))
+    grouped = base.clone(chunk_group=1, recompute_embedding=recompute)
+
+    def loss(model, x, **kw):
+        def fn(p):
+            y = model.apply({"params": p}, x, **kw)
+            return jnp.sum(jnp.sin(y)), y
+        return fn
+
+    (_, y0), g0 = run(jax.value_and_grad(loss(base, norm(raw)), has_aux=True), params)
+    grad1 = jax.value_and_grad(loss(grouped, raw, normalize=norm), has_aux=True)
+    (_, y1), g1 = run(grad1, params)
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=0)
+    g1 = tree.flatten(g1)
+    adapters = 0
+    for name, a in tree.flatten(g0).items():
+        np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(a), atol=1e-5, rtol=1e-5,
+                                   err_msg=name)
+        adapters += "adapter" in name and bool(np.any(np.asarray(a) != 0))
+    assert adapters > 0
+    convs = str(jax.make_jaxpr(grad1)(params)).count("conv_general_dilated")
+    assert convs == (2 if recompute else 1), convs
