@@ -33,7 +33,7 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
                  init_loss_norm: float = 100.0, label_smoothing: float = 0.0,
                  loss_weight: float = 1.0, remat_policy: str = "full",
                  scan_blocks: bool = True, chunk_group: int = 0, remat_input_dtype: str = "",
-                 backbone_overrides=None, head_overrides=None):
+                 recompute_embedding: bool = False, backbone_overrides=None, head_overrides=None):
     m = ml_collections.ConfigDict()
     m.dtype = "float32"
     m.backbone = ml_collections.ConfigDict({**dict(
@@ -46,10 +46,11 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
         # "" or e.g. "bfloat16": dtype of the block inputs kept for the backward pass (remat
         # "full" only; bfloat16 halves that memory, gradients then carry bfloat16 rounding).
         remat_input_dtype=remat_input_dtype,
-        # Keep block 0's output for the backward pass rather than computing it again there
-        # from the frames (VisionTransformer.recompute_embedding): ~5% faster for one block
-        # input more (ViT-S, 768 frames, 160 px: 767 vs 743 MiB of compiled temporaries).
-        recompute_embedding=False,
+        # False: keep block 0's output for the backward pass rather than computing it again
+        # there from the frames (VisionTransformer.recompute_embedding; only with chunk groups):
+        # ~5% faster for one block input more (ViT-S, 768 frames, 160 px: 767 vs 743 MiB of
+        # compiled temporaries).
+        recompute_embedding=recompute_embedding,
         # "": head-major attention with a hand-written backward (models/attention.py); or an
         # implementation of jax.nn.dot_product_attention ("xla", "cudnn" for bfloat16 on GPUs).
         attention_impl="",
@@ -194,7 +195,10 @@ def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str
     c.model = model_config(
         variant=size, num_classes=20, channels=512,
         adapter_blocks=tuple(range(20, 40)) if g_half else "all", init_loss_norm=100.0,
-        chunk_group=1, remat_input_dtype="bfloat16" if g_half else "")
+        chunk_group=1, remat_input_dtype="bfloat16" if g_half else "",
+        # ViT-g's configs are sized for memory: block 0's output is computed again (1 of 40
+        # blocks) rather than kept (48 chunk rows x 800 tokens x 1408 channels, 216 MB a video).
+        recompute_embedding=size == "g")
     c.train = train_config(epochs=100, end_epoch=50 if g_half else 60,
                            warmup_epochs=5, adapter_lr=ADAPTER_LR[size], head_lr=1e-4)
     if g_half:
