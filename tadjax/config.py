@@ -197,7 +197,7 @@ def adatad_thumos(size: str, *, frames: int = 768, img_size: int = 160, arg: str
         adapter_blocks=tuple(range(20, 40)) if g_half else "all", init_loss_norm=100.0,
         chunk_group=1, remat_input_dtype="bfloat16" if g_half else "",
         # ViT-g's configs are sized for memory: block 0's output is computed again (1 of 40
-        # blocks) rather than kept (48 chunk rows x 800 tokens x 1408 channels, 216 MB a video).
+        # blocks) rather than kept (48 chunk rows x 968 tokens x 1408 channels, 262 MB a video).
         recompute_embedding=size == "g")
     c.train = train_config(epochs=100, end_epoch=50 if g_half else 60,
                            warmup_epochs=5, adapter_lr=ADAPTER_LR[size], head_lr=1e-4)
