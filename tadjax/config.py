@@ -47,8 +47,9 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
         # "full" only; bfloat16 halves that memory, gradients then carry bfloat16 rounding).
         remat_input_dtype=remat_input_dtype,
         # False: keep block 0's output for the backward pass rather than computing it again
-        # there from the frames (VisionTransformer.recompute_embedding; only with chunk groups):
-        # ~5% faster for one block input more (ViT-S, 768 frames, 160 px: 767 vs 743 MiB of
+        # there from the frames (VisionTransformer.recompute_embedding; only where the TIAs
+        # alone train through remat "full" chunk groups): a few % faster (one block forward
+        # less) for one block input more (ViT-S, 768 frames, 160 px: 767 vs 743 MiB of
         # compiled temporaries).
         recompute_embedding=recompute_embedding,
         # "": head-major attention with a hand-written backward (models/attention.py); or an
