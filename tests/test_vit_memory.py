@@ -18,6 +18,16 @@ from tadjax import tree  # noqa: E402
 from tadjax.models import vit  # noqa: E402
 
 
+def assert_same_values_and_grads(y1, g1, y0, g0) -> dict:
+    """y1 and every gradient of g1 equal y0 and g0's (float32 tolerances); g0 flattened."""
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=0)
+    g0, g1 = tree.flatten(g0), tree.flatten(g1)
+    for name, a in g0.items():
+        np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(a), atol=1e-5, rtol=1e-5,
+                                   err_msg=name)
+    return g0
+
+
 @pytest.mark.parametrize("rows,group,expected", [
     (12, 0, 1), (12, 12, 1), (12, 20, 1), (12, 4, 3), (12, 5, 3), (12, 1, 12), (7, 3, 7),
     (96, 8, 12)])
@@ -65,14 +75,8 @@ def test_chunk_group_matches_ungrouped_values_and_gradients(mode, blocks, policy
 
     (_, y0), g0 = value_and_grad(base)
     (_, y1), g1 = value_and_grad(base.clone(chunk_group=group))
-    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=0)
-    g1 = tree.flatten(g1)
-    nonzero = 0
-    for name, a in tree.flatten(g0).items():
-        np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(a), atol=1e-5, rtol=1e-5,
-                                   err_msg=name)
-        nonzero += bool(np.any(np.asarray(a) != 0))
-    assert nonzero > 0
+    g0 = assert_same_values_and_grads(y1, g1, y0, g0)
+    assert any(np.any(np.asarray(a) != 0) for a in g0.values())
 
 
 @pytest.mark.parametrize("mode", ["adapter", pytest.param("full", marks=pytest.mark.slow)])
@@ -94,11 +98,8 @@ def test_grouped_patch_embedding_normalises_uint8_frames_in_the_groups(mode):
 
     (_, y0), g0 = value_and_grad(base, norm(raw))
     (_, y1), g1 = value_and_grad(base.clone(chunk_group=1), raw, normalize=norm)
-    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=0)
+    assert_same_values_and_grads(y1, g1, y0, g0)
     g1 = tree.flatten(g1)
-    for name, a in tree.flatten(g0).items():
-        np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(a), atol=1e-5, rtol=1e-5,
-                                   err_msg=name)
     assert (mode == "full") == bool(np.any(np.asarray(g1["patch_embed/kernel"]) != 0))
 
 
@@ -489,13 +490,7 @@ def test_block0_output_recomputed_or_kept_gives_the_same_values_and_gradients(re
     (_, y0), g0 = run(jax.value_and_grad(loss(base, norm(raw)), has_aux=True), params)
     grad1 = jax.value_and_grad(loss(grouped, raw, normalize=norm), has_aux=True)
     (_, y1), g1 = run(grad1, params)
-    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5, rtol=0)
-    g1 = tree.flatten(g1)
-    adapters = 0
-    for name, a in tree.flatten(g0).items():
-        np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(a), atol=1e-5, rtol=1e-5,
-                                   err_msg=name)
-        adapters += "adapter" in name and bool(np.any(np.asarray(a) != 0))
-    assert adapters > 0
+    g0 = assert_same_values_and_grads(y1, g1, y0, g0)
+    assert any("adapter" in name and np.any(np.asarray(a) != 0) for name, a in g0.items())
     convs = str(jax.make_jaxpr(grad1)(params)).count("conv_general_dilated")
     assert convs == (2 if recompute else 1), convs

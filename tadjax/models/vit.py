@@ -902,9 +902,9 @@ class VisionTransformer(nn.Module):
         recomputed units (scan_units_recompute's `head`): block 0's output is not kept for the
         backward pass but computed again there, group by group, from the frames. One block
         input less kept, one more embedding + block 0 pass: ViT-S at 256 frames, 160 px, the
-        adapter step ran 3-7% slower (a profile / an A/B run) for a peak no lower (the forward pass holds that output
-        whole for a moment either way), and at 768 frames 24 MiB less of XLA's temporaries
-        (743 vs 767 MiB). False: keep block 0's output like the other block inputs.
+        adapter step ran 3-7% slower (a profile / an A/B run) for a peak no lower (the forward
+        pass holds that output whole for a moment either way), and at 768 frames 24 MiB less
+        of XLA's temporaries (743 vs 767 MiB). False: keep block 0's output like the other block inputs.
     """
 
     embed_dim: int
