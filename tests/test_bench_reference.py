@@ -12,6 +12,17 @@ from tadjax.tools.bench import load_config
 REPO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 
 
+def test_load_config_applies_overrides_given_from_python():
+    """The overrides are read from load_config's arguments, not from the process's command line
+    (pytest's here): applied, and a typo is an error."""
+    config = load_config(REPO_CONFIG, ["--config.model.backbone.chunk_group=3",
+                                       "--config.data.window=48"])
+    assert config.model.backbone.chunk_group == 3 and config.data.window == 48
+    assert load_config(REPO_CONFIG, []).model.backbone.chunk_group != 3
+    with pytest.raises(AttributeError, match="chunk_grop"):
+        load_config(REPO_CONFIG, ["--config.model.backbone.chunk_grop=3"])
+
+
 @pytest.mark.slow
 def test_reference_tadjax_side_runs_and_reports():
     out = bench_reference.run_tadjax(load_config(REPO_CONFIG, []), 32, 1)

@@ -103,8 +103,12 @@ def load_config(path: str, overrides: list[str]):
     from absl import flags
     from ml_collections import config_flags
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", path, "config", flag_values=fv, lock_config=True)
-    fv(["bench", f"--config={path}", *overrides])
+    argv = ["bench", f"--config={path}", *overrides]
+    # sys_argv: the override flags are found in these arguments, not in the process's sys.argv
+    # (ml_collections' default), so that a call from Python (a notebook, a script) works too.
+    config_flags.DEFINE_config_file("config", path, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
     return fv.config
 
 
