@@ -33,7 +33,8 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
                  init_loss_norm: float = 100.0, label_smoothing: float = 0.0,
                  loss_weight: float = 1.0, remat_policy: str = "full",
                  scan_blocks: bool = True, chunk_group: int = 0, remat_input_dtype: str = "",
-                 recompute_embedding: bool = False, backbone_overrides=None, head_overrides=None):
+                 recompute_embedding: bool = False, keep_attention_residual: bool = False,
+                 backbone_overrides=None, head_overrides=None):
     m = ml_collections.ConfigDict()
     m.dtype = "float32"
     m.backbone = ml_collections.ConfigDict({**dict(
@@ -52,6 +53,12 @@ def model_config(*, variant: str, num_classes: int, channels: int = 512, use_abs
         # less) for one block input more (ViT-S, 768 frames, 160 px: 767 vs 743 MiB of
         # compiled temporaries).
         recompute_embedding=recompute_embedding,
+        # True: each block also keeps its attention residual (x + attention, the MLP's input)
+        # for the backward pass, whose recompute then skips the attention's P·V matmul and
+        # projection (VisionTransformer.keep_attention_residual; same cases as above): less
+        # time for one more activation per block (at 768 frames it does not fit the memory
+        # goal of the side-by-side benchmark, so it is off by default).
+        keep_attention_residual=keep_attention_residual,
         # "": head-major attention with a hand-written backward (models/attention.py); or an
         # implementation of jax.nn.dot_product_attention ("xla", "cudnn" for bfloat16 on GPUs).
         attention_impl="",

@@ -341,15 +341,18 @@ def test_bad_inputs_fail_clearly():
         vit.from_variant("XL")
 
 
-def test_chunk_attention_matches_jax_attention_values_and_gradients():
-    """models/attention.py's hand-written backward against autodiff of jax.nn.dot_product_attention."""
+@pytest.mark.parametrize("row_from_probs", [False, True])
+def test_chunk_attention_matches_jax_attention_values_and_gradients(row_from_probs):
+    """models/attention.py's hand-written backward against autodiff of jax.nn.dot_product_attention,
+    with its row term from the output or from the probabilities."""
     from tadjax.models.attention import chunk_attention
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(key, (3, 20, 2, 8)) * 2.0 for key in keys[:3])
     probe = jax.random.normal(keys[3], (3, 20, 2, 8))
-    np.testing.assert_allclose(chunk_attention(q, k, v), jax.nn.dot_product_attention(q, k, v),
-                               atol=1e-5, rtol=1e-5)
-    ours = jax.grad(lambda *a: jnp.sum(chunk_attention(*a) * probe), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(chunk_attention(q, k, v, row_from_probs),
+                               jax.nn.dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    ours = jax.grad(lambda *a: jnp.sum(chunk_attention(*a, row_from_probs) * probe),
+                    argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a) * probe),
                    argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", ours, ref):

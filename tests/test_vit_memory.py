@@ -50,16 +50,18 @@ def test_map_row_groups_takes_contiguous_rows_on_one_device():
     np.testing.assert_array_equal(first, np.asarray(x)[[0, 0, 2, 2, 4, 4]])
 
 
-@pytest.mark.parametrize("mode,blocks,policy,scan,group,masked", [
-    ("adapter", "all", "full", True, 1, True),
-    ("adapter_full", "all", "full", False, 1, False), ("adapter_full", "all", "dots", False, 2, True),
-    ("side", [1], "none", True, 2, False)])
+@pytest.mark.parametrize("mode,blocks,policy,scan,group,masked,keep", [
+    ("adapter", "all", "full", True, 1, True, False), ("adapter", "all", "full", True, 1, True, True),
+    ("adapter_full", "all", "full", False, 1, False, False),
+    ("adapter_full", "all", "dots", False, 2, True, False),
+    ("side", [1], "none", True, 2, False, False)])
 def test_chunk_group_matches_ungrouped_values_and_gradients(mode, blocks, policy, scan, group,
-                                                            masked):
+                                                            masked, keep):
     """3 videos x 2 chunks = 6 rows in groups of 2 (video by video) or of 1 (each TIA's temporal
     conv then reads its neighbouring chunks' halos across groups); policy "full" / "none" runs
     the groups with the in-place recomputing map, "dots" with lax.map under the policy; with a
-    block mask (block 1 skipped) the gated TIA / attention + MLP inside the groups."""
+    block mask (block 1 skipped) the gated TIA / attention + MLP inside the groups; keep: each
+    unit's attention residual kept (its drop-path mask and gate applied in either half)."""
     base = tiny(depth=3, adapter_mode=mode, adapter_blocks=blocks, drop_path_rate=0.3,
                 remat_policy=policy, scan_blocks=scan)
     x = frames((3, 32, 16, 16, 3))
@@ -74,7 +76,7 @@ def test_chunk_group_matches_ungrouped_values_and_gradients(mode, blocks, policy
         return run(jax.value_and_grad(loss, has_aux=True), params)
 
     (_, y0), g0 = value_and_grad(base)
-    (_, y1), g1 = value_and_grad(base.clone(chunk_group=group))
+    (_, y1), g1 = value_and_grad(base.clone(chunk_group=group, keep_attention_residual=keep))
     g0 = assert_same_values_and_grads(y1, g1, y0, g0)
     assert any(np.any(np.asarray(a) != 0) for a in g0.values())
 
@@ -269,11 +271,38 @@ def test_grouped_units_hold_few_full_length_temporaries():
     assert grad_temp_bytes(model, x, params) < 8.5 * block_input
 
 
-def grad_temp_bytes(model, x, params) -> int:
+def grad_compiled(model, x, params, **options):
     def loss(p, x):
         return jnp.sum(model.apply({"params": p}, x, train=False) ** 2)
-    compiled = jax.jit(jax.grad(loss)).lower(params, x).compile(compiler_options=FAST)
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return jax.jit(jax.grad(loss)).lower(params, x).compile(compiler_options=options)
+
+
+def grad_temp_bytes(model, x, params) -> int:
+    return int(grad_compiled(model, x, params, **FAST).memory_analysis().temp_size_in_bytes)
+
+
+def test_kept_attention_residual_drops_two_matmuls_from_the_recompute():
+    """keep_attention_residual: the backward pass of every recomputed unit runs the attention's
+    P·V and its projection no more (XLA drops them: nothing reads them, the attention's row term
+    coming from P and dP), for one more kept activation per unit (units 1-3 of 4: about 3 block
+    inputs more of compiled temporaries). Counted in the optimised program: the dot ops of the
+    unit's backward body (one body for units 1-3), at full optimisation as in training."""
+    import re
+    x = jax.ShapeDtypeStruct((1, 64, 32, 32, 3), jnp.float32)
+    model = tiny(depth=4, patch_size=8, remat_policy="full", scan_blocks=True, chunk_group=1,
+                 recompute_embedding=False)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    kept = model.clone(keep_attention_residual=True)
+
+    def dots(m):
+        return len(re.findall(r"\bdot\(", grad_compiled(m, x, params).as_text()))
+    assert dots(kept) == dots(model) - 2, (dots(kept), dots(model))
+    block_input = 4 * 128 * 32 * 4  # rows x tokens x C x float32
+    more = grad_temp_bytes(kept, x, params) - grad_temp_bytes(model, x, params)
+    assert 2.5 * block_input <= more <= 3.5 * block_input, more / block_input  # 2.7
+    with pytest.raises(ValueError, match="keep_attention_residual.*remat_policy='dots'"):
+        jax.eval_shape(model.clone(keep_attention_residual=True, remat_policy="dots").init,
+                       jax.random.key(0), x)
 
 
 @pytest.mark.slow
@@ -432,12 +461,14 @@ split = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
     mesh, P(*(["snippet"] + [None] * (a.ndim - 1)) if a.ndim and a.shape[0] % 2 == 0 else P()))), params)
 xs = jax.device_put(x, NamedSharding(mesh, P("data", "snippet")))
 grouped = model.clone(chunk_group=1, row_axes=("data", "snippet"))
-with jax.set_mesh(mesh):
-    assert vit.row_split(("data", "snippet"), 8) == vit.row_devices(("data", "snippet"), 8) == 4
-    v1, g1 = grads(grouped, split, xs)
-np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
-for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # sums over devices: other order
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * np.abs(b).max(), rtol=0)
+for m in (grouped, grouped.clone(keep_attention_residual=True)):
+    with jax.set_mesh(mesh):
+        assert vit.row_split(("data", "snippet"), 8) == vit.row_devices(("data", "snippet"), 8) == 4
+        v1, g1 = grads(m, split, xs)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # sums over devices: other order
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * np.abs(b).max(),
+                                   rtol=0)
 print("ok")
 """
 
@@ -468,18 +499,23 @@ def test_scanned_frozen_weights_are_not_stacked():
     assert grad_temp_bytes(model.clone(adapter_mode="adapter_full"), x, params) > stack
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_block0_output_recomputed_or_kept_gives_the_same_values_and_gradients(recompute):
+@pytest.mark.parametrize("recompute,keep_residual", [(True, False), (False, False), (True, True),
+                                                     (False, True)])
+def test_block0_output_recomputed_or_kept_gives_the_same_values_and_gradients(recompute,
+                                                                              keep_residual):
     """TIAs alone trained through the recomputed chunk groups (AdaTAD's case), uint8 frames
     normalised in the groups: whether block 0's output is computed again in the backward pass
     from the frames (recompute_embedding, the patch convolution then runs twice in the
-    gradient) or kept, the values and adapter gradients are those of the ungrouped blocks."""
+    gradient) or kept, and whether each unit's attention residual is kept too
+    (keep_attention_residual), the values and adapter gradients are those of the ungrouped
+    blocks."""
     from tadjax.models.detector import normalize_frames
     norm = functools.partial(normalize_frames, dtype=jnp.float32)
     base = tiny(depth=4, adapter_mode="adapter", remat_policy="full", scan_blocks=True)
     raw = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 32, 16, 16, 3)), jnp.uint8)
     params = random_params(base, norm(raw))
-    grouped = base.clone(chunk_group=1, recompute_embedding=recompute)
+    grouped = base.clone(chunk_group=1, recompute_embedding=recompute,
+                         keep_attention_residual=keep_residual)
 
     def loss(model, x, **kw):
         def fn(p):

@@ -12,8 +12,15 @@ with the textbook formulas
     dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  dQ = dS·K / sqrt(d),  dK = dSᵀ·Q / sqrt(d)
 
 (tests/test_vit.py checks values and gradients against `jax.nn.dot_product_attention`).
+
+The row term rowsum(dO ⊙ O) equals rowsum(dP ⊙ P) (both are Σ_k P·dP over a query's keys). The
+first reads the output O, a small [tokens, d] product per head; the second only P and dP, so a
+backward pass that recomputes the attention (remat) without needing its output lets XLA drop the
+recompute's P·V matmul altogether (`row_from_probs=True`; vit.unit_pieces' split units).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,22 +39,25 @@ def _forward(q, k, v):
     return out, probs
 
 
-@jax.custom_vjp
-def _attention_heads_first(q, k, v):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_heads_first(q, k, v, row_from_probs=False):
     return _forward(q, k, v)[0]
 
 
-def _attention_fwd(q, k, v):
+def _attention_fwd(q, k, v, row_from_probs):
     out, probs = _forward(q, k, v)
-    return out, (q, k, v, probs, out)
+    return out, (q, k, v, probs, None if row_from_probs else out)
 
 
-def _attention_bwd(residuals, d_out):
+def _attention_bwd(row_from_probs, residuals, d_out):
     q, k, v, probs, out = residuals
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     d_v = jnp.einsum("rnqk,rnqd->rnkd", probs, d_out)
     d_probs = jnp.einsum("rnqd,rnkd->rnqk", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    if row_from_probs:   # the output is not read: a recompute may skip P·V
+        row = jnp.sum(d_probs * probs.astype(jnp.float32), axis=-1, keepdims=True)
+    else:
+        row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(q.dtype)
     d_q = jnp.einsum("rnqk,rnkd->rnqd", d_scores, k) * scale
     d_k = jnp.einsum("rnqk,rnqd->rnkd", d_scores, q) * scale
@@ -57,11 +67,14 @@ def _attention_bwd(residuals, d_out):
 _attention_heads_first.defvjp(_attention_fwd, _attention_bwd)
 
 
-def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, row_from_probs: bool = False
+                    ) -> jax.Array:
     """Full (non-causal) softmax attention, q, k, v [rows, tokens, heads, d] -> [rows, tokens, heads, d];
-    the same values as `jax.nn.dot_product_attention(q, k, v)`."""
+    the same values as `jax.nn.dot_product_attention(q, k, v)`. row_from_probs: the backward
+    pass's row term from P and dP instead of the output (see the module docstring)."""
     if not q.shape == k.shape == v.shape or q.ndim != 4:
         raise ValueError(f"chunk_attention expects q, k, v of one shape [rows, tokens, heads, d], "
                          f"got {q.shape}, {k.shape}, {v.shape}")
-    out = _attention_heads_first(_heads_first(q), _heads_first(k), _heads_first(v))
+    out = _attention_heads_first(_heads_first(q), _heads_first(k), _heads_first(v),
+                                 bool(row_from_probs))
     return _heads_first(out)

@@ -37,7 +37,7 @@ Adapter modes (`adapter_mode`; spec §3.5):
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +172,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     lora_rank: int = 0
+    row_from_probs: bool = False   # chunk_attention's backward without the output (see there)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,7 +191,7 @@ class Attention(nn.Module):
         qkv = (qkv + bias).reshape(rows, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.attention_impl in (None, "", "tadjax"):
-            out = chunk_attention(q, k, v)
+            out = chunk_attention(q, k, v, self.row_from_probs)
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         out = out.reshape(rows, tokens, dim)
@@ -413,7 +414,8 @@ def _index(tree, i):
 
 
 def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups: int,
-                         row_axes: Sequence[str] = (), finish=None, head=None):
+                         row_axes: Sequence[str] = (), finish=None, head=None,
+                         keep_mid: bool = False):
     """x through n units in turn (then `tail`, if given), each rematerialised from its input
     (checkpoint "full" per unit, as lax.scan of jax.checkpoint'ed units), with less memory.
 
@@ -443,6 +445,13 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
     Slot 0 is then not kept: the forward pass computes x whole for stage 0 (a temporary) and
     keeps its edge tokens for the halos, the backward pass recomputes each group's rows of x
     with the head (one more head pass, one slot fewer).
+
+    keep_mid: the units' rows functions are SplitRows (unit_pieces(split=True); the tail's is
+    not); the forward pass also keeps each unit's `mid` rows (its attention residual) in a
+    second stack, and the backward pass differentiates the second half from them, then the
+    first half from the unit input: the first half's recompute then needs only what its own
+    backward reads (with chunk_attention's row_from_probs, neither P·V nor the projection).
+    One more stack the size of the slots, for less recompute.
     """
     n = jax.tree_util.tree_leaves(consts)[0].shape[0]
     rg = _RowGroups(x.shape[0], groups, row_axes)
@@ -466,7 +475,7 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
     def view_slots(stack):
         if flat:
             return stack
-        return stack.reshape((stacked, rg.devices, rg.groups, rg.size) + x.shape[1:])
+        return stack.reshape((stack.shape[0], rg.devices, rg.groups, rg.size) + x.shape[1:])
 
     def slot(slots, k):
         return jax.lax.dynamic_index_in_dim(slots, k - first, keepdims=False).reshape(x.shape)
@@ -491,14 +500,31 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
                 slots = jax.lax.dynamic_update_slice(slots, part + more.astype(part.dtype), at)
         return slots if add is not None else jnp.concatenate(parts, axis=1)
 
-    def put_slot(slots, k, g, rows):
-        k = k - first
+    def put_in(stack, i, g, rows):
+        """Group g of entry i of a stack (the slots, the mids) set to `rows`."""
         if flat:
-            return jax.lax.dynamic_update_slice(slots, rows[None].astype(slots.dtype),
-                                                (k, g * rg.size) + (0,) * (slots.ndim - 2))
+            return jax.lax.dynamic_update_slice(stack, rows[None].astype(stack.dtype),
+                                                (i, g * rg.size) + (0,) * (stack.ndim - 2))
         rows = rows.reshape((1, rg.devices, 1, rg.size) + rows.shape[1:])
-        return jax.lax.dynamic_update_slice(slots, rows.astype(slots.dtype),
-                                            (k, 0, g) + (0,) * (slots.ndim - 3))
+        return jax.lax.dynamic_update_slice(stack, rows.astype(stack.dtype),
+                                            (i, 0, g) + (0,) * (stack.ndim - 3))
+
+    def put_slot(slots, k, g, rows):
+        return put_in(slots, k - first, g, rows)
+
+    def split_of(rows_fn):
+        """rows_fn's halves if its mid is kept, else None."""
+        if not keep_mid or not isinstance(rows_fn, SplitRows):
+            return None
+        return rows_fn
+
+    def apply_rows(rows_fn, k, g, mids, t, f, rows, d, m):
+        """rows_fn on group g's rows (stage k), its mid kept in `mids` if split."""
+        halves = split_of(rows_fn)
+        if halves is None:
+            return rows_fn(t, f, rows, d, m), mids
+        mid = halves.first(t, f, rows, d, m)
+        return halves.second(t, f, mid, m), put_in(mids, k, g, mid)
 
     def head_rows_of(src, g):
         """Group g of x: from x, or computed by the head."""
@@ -532,6 +558,8 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         """The last stage's row function, with `finish` after it."""
         if finish is None:
             return rows_fn
+        if isinstance(rows_fn, SplitRows):
+            return SplitRows(rows_fn.first, lambda t, f, mid, m: finish(rows_fn.second(t, f, mid, m)))
         return lambda t, f, r, d, m: finish(rows_fn(t, f, r, d, m))
 
     @jax.custom_vjp
@@ -544,18 +572,23 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         if head is None:
             slots = jax.lax.dynamic_update_index_in_dim(
                 slots, src.reshape(slots.shape[1:]), 0, axis=0)
+        # Unit k's mid rows at mids[k] (the tail has none).
+        mids = view_slots(jnp.zeros((n,) + x.shape, x.dtype)) if keep_mid else None
 
-        def run_stage(k, slots, read, edges):
-            """Stage k's groups (input rows read(g), halos from edges), output into slot k + 1."""
+        def run_stage(k, state, read, edges):
+            """Stage k's groups (input rows read(g), halos from edges), output into slot k + 1
+            (state: the slots and the mids)."""
             t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, k)
             halos = halos_fn(t, f, edges(edge)) if edge else ()
             diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
 
-            def body(g, slots):
-                rows = rows_fn(t, f, read(slots, g), tuple(rg.take(a, g) for a in diff_v),
-                               tuple(rg.take(a, g) for a in const_v))
-                return put_slot(slots, k + 1, g, rows)
-            return jax.lax.fori_loop(0, rg.groups, body, slots)
+            def body(g, state):
+                slots, mids = state
+                rows, mids = apply_rows(rows_fn, k, g, mids, t, f, read(slots, g),
+                                        tuple(rg.take(a, g) for a in diff_v),
+                                        tuple(rg.take(a, g) for a in const_v))
+                return put_slot(slots, k + 1, g, rows), mids
+            return jax.lax.fori_loop(0, rg.groups, body, state)
 
         edges0 = None
         if head is not None:
@@ -564,29 +597,33 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
             x0 = primal_input(src)
             edges0 = row_edges(x0, stage(*args, 0)[1][4])
             x0v = rg.view(x0)
-            slots = run_stage(0, slots, lambda slots, g: rg.take(x0v, g), lambda e: edges0)
-        slots = jax.lax.fori_loop(
-            first, looped, lambda k, slots: run_stage(
-                k, slots, lambda slots, g: take_slot(slots, k, g),
-                lambda e: slot_edges(slots, k, e)), slots)
+            slots, mids = run_stage(0, (slots, mids), lambda slots, g: rg.take(x0v, g),
+                                    lambda e: edges0)
+        slots, mids = jax.lax.fori_loop(
+            first, looped, lambda k, state: run_stage(
+                k, state, lambda slots, g: take_slot(slots, k, g),
+                lambda e: slot_edges(state[0], k, e)), (slots, mids))
         t, (f, masks, halos_fn, rows_fn, edge) = stage(*args, looped)
         halos = halos_fn(t, f, slot_edges(slots, looped, edge)) if edge else ()
-        if finish is None:
+        if finish is None and split_of(rows_fn) is None:
             y = _groups_forward(rows_fn, t, f, slot(slots, looped), halos, masks, rg)
-        else:   # the finished rows of each group into an output of their own shape
+        else:   # the (finished) rows of each group into an output of their own shape
             fn = finished(rows_fn)
             diff_v, const_v = tuple(map(rg.view, halos)), tuple(map(rg.view, masks))
 
-            def body(g, yv):
-                return rg.put(yv, g, fn(t, f, take_slot(slots, looped, g),
+            def body(g, state):
+                yv, mids = state
+                rows, mids = apply_rows(fn, looped, g, mids, t, f, take_slot(slots, looped, g),
                                         tuple(rg.take(a, g) for a in diff_v),
-                                        tuple(rg.take(a, g) for a in const_v)))
-            y = jax.lax.fori_loop(0, rg.groups, body,
-                                  rg.view(jnp.zeros(out.shape, out.dtype))).reshape(out.shape)
-        return y, (args, slots, src if head is not None else None, edges0)
+                                        tuple(rg.take(a, g) for a in const_v))
+                return rg.put(yv, g, rows), mids
+            yv, mids = jax.lax.fori_loop(0, rg.groups, body,
+                                         (rg.view(jnp.zeros(out.shape, out.dtype)), mids))
+            y = yv.reshape(out.shape)
+        return y, (args, slots, mids, src if head is not None else None, edges0)
 
     def run_backward(saved, ct):
-        args, slots, src, edges0 = saved
+        args, slots, mids, src, edges0 = saved
         trained = args[0]
 
         def back(k, slots, ct_v, from_head=False):
@@ -612,15 +649,24 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
                 else:
                     ct_g = take_slot(slots, k + 1, g)
                 diff_g = tuple(rg.take(a, g) for a in diff_v)
+                first_fn, dt_second = rows_fn, None
+                halves = split_of(rows_fn)
+                if halves is not None:   # the second half from the kept mid, then the first
+                    _, vjp = jax.vjp(lambda t, m: halves.second(t, f, m, rows_masks), t,
+                                     rg.take_slot(mids, k, g))
+                    dt_second, ct_g = vjp(ct_g)
+                    first_fn = halves.first
                 if from_head:
                     rows = head_rows_of(src, g)
-                    _, vjp = jax.vjp(lambda t, d: rows_fn(t, f, rows, d, rows_masks), t, diff_g)
+                    _, vjp = jax.vjp(lambda t, d: first_fn(t, f, rows, d, rows_masks), t, diff_g)
                     dt, dd = vjp(ct_g)
                 else:
-                    _, vjp = jax.vjp(lambda t, r, d: rows_fn(t, f, r, d, rows_masks), t,
+                    _, vjp = jax.vjp(lambda t, r, d: first_fn(t, f, r, d, rows_masks), t,
                                      take_slot(slots, k, g), diff_g)
                     dt, dx, dd = vjp(ct_g)
                     slots = put_slot(slots, k, g, dx)
+                if dt_second is not None:
+                    dt = jax.tree_util.tree_map(jnp.add, dt, dt_second)
                 d_t = jax.tree_util.tree_map(jnp.add, d_t, dt)
                 d_diff = tuple(rg.put(b, g, d) for b, d in zip(d_diff, dd))
                 return slots, d_t, d_diff
@@ -680,9 +726,26 @@ def drop_path_inputs(drop_key, drop_rate, shape, use_drop_path: bool):
     return masks, (drop_rate,)
 
 
+class SplitRows(NamedTuple):
+    """A unit's rows function in two halves, called like one: rows_fn = second ∘ first, with
+
+      first(trained, frozen, rows, row_halos, row_masks) -> mid   the TIA, then the attention
+                                                                   residual (x + attention)
+      second(trained, frozen, mid, row_masks) -> rows'            then the MLP residual
+
+    so that a recompute can keep `mid` (scan_units_recompute) and differentiate each half apart.
+    """
+    first: Callable
+    second: Callable
+
+    def __call__(self, trained, frozen, rows, row_halos, row_masks):
+        mid = self.first(trained, frozen, rows, row_halos, row_masks)
+        return self.second(trained, frozen, mid, row_masks)
+
+
 def unit_pieces(block, frozen_params, drop_key, drop_rate, shape, *, has_adapter: bool,
                 use_drop_path: bool, keep_adapter=None, keep=None, mix: bool = True,
-                videos: int = 1, time_tokens: int = 1):
+                videos: int = 1, time_tokens: int = 1, split: bool = False):
     """Block.mix_rows as pure pieces, for rows of `shape`, with parameters {"mix": the block's
     attention/MLP/norms, "adapter": the previous block's TIA} split into the trained ones
     (passed to the pieces as `trained`) and `frozen_params`:
@@ -697,11 +760,17 @@ def unit_pieces(block, frozen_params, drop_key, drop_rate, shape, *, has_adapter
       edge                                tokens per temporal position (0: no halos)
 
     `block` is a Block (bound or not) giving the sizes; no parameters are read from it.
+
+    split (with mix): rows_fn is a SplitRows, halved at the attention residual, whose attention
+    backward pass reads no attention output (chunk_attention's row_from_probs): given the kept
+    residual, the first half's recompute needs neither the P·V matmul nor the projection.
     """
     use_drop_path = use_drop_path and mix
     masks, rate = drop_path_inputs(drop_key, drop_rate, shape, use_drop_path)
     frozen = (frozen_params, ((keep_adapter, keep), rate))
-    bare = block.clone(parent=None, chunk_group=0, adapter_ratio=None)
+    split = split and mix
+    bare = block.clone(parent=None, chunk_group=0, adapter_ratio=None,
+                       attention_row_from_probs=split or block.attention_row_from_probs)
 
     halos = has_adapter and not block.adapter_chunk_local
     edge = shape[1] // time_tokens if halos else 0   # tokens of one temporal position
@@ -718,24 +787,37 @@ def unit_pieces(block, frozen_params, drop_key, drop_rate, shape, *, has_adapter
     def gate(flag, fn, rows):
         return fn(rows) if flag is None else jax.lax.cond(flag, fn, lambda r: r, rows)
 
-    def rows_fn(trained, frozen, rows, row_halos, row_masks):
+    def rows_part(trained, frozen, rows, row_halos, row_masks, adapter, method):
+        """The TIA (if `adapter`), then `method` of the block (None: nothing)."""
         params = {**frozen[0], **trained}
         (keep_adapter, keep), rate = frozen[1]
-        if has_adapter:
+        if adapter:
             rows = gate(keep_adapter, lambda r: tia_rows(
                 params["adapter"], r, *(row_halos or (None, None)), time_tokens=time_tokens,
                 dtype=block.dtype), rows)
-        if mix:
+        if method is not None:
             rows = gate(keep, lambda r: bare.apply({"params": params["mix"]}, r, *row_masks,
-                                                   *rate, method=Block.mix), rows)
+                                                   *rate, method=method), rows)
         return rows
 
+    if split:
+        rows_fn = SplitRows(
+            functools.partial(rows_part, adapter=has_adapter, method=Block.mix_attention),
+            lambda trained, frozen, mid, row_masks: rows_part(
+                trained, frozen, mid, (), row_masks, adapter=False, method=Block.mix_mlp))
+    else:
+        rows_fn = functools.partial(rows_part, adapter=has_adapter,
+                                    method=Block.mix if mix else None)
     return frozen, masks, halos_fn, rows_fn, edge
 
 
 def row_edges(x, edge: int):
     """x [rows, tokens, C] -> its first and last `edge` tokens of each row [rows, 2·edge, C]."""
     return jnp.concatenate([x[:, :edge], x[:, x.shape[1] - edge:]], axis=1)
+
+
+def _residual(x, y, keep, drop_rate):
+    return x + (y if keep is None else apply_drop_path(y, keep, drop_rate))
 
 
 class Block(nn.Module):
@@ -766,6 +848,7 @@ class Block(nn.Module):
     chunk_group: int = 0
     remat_policy: str = "none"
     row_axes: tuple[str, ...] = ()
+    attention_row_from_probs: bool = False
 
     def setup(self):
         def norm():
@@ -773,7 +856,7 @@ class Block(nn.Module):
 
         self.norm1 = norm()
         self.attn = Attention(self.embed_dim, self.num_heads, self.dtype, self.attention_impl,
-                              self.lora_rank)
+                              self.lora_rank, row_from_probs=self.attention_row_from_probs)
         self.norm2 = norm()
         self.mlp = Mlp(self.mlp_dim, self.dtype)
         if self.adapter_ratio is not None:
@@ -784,11 +867,16 @@ class Block(nn.Module):
     def mix(self, x, attn_keep=None, mlp_keep=None, drop_rate=None):
         """x + attention, then + MLP, on rows of x [rows, tokens, C]; `*_keep` are the drop-path
         masks [rows, 1, 1] (None: no drop path)."""
-        def residual(x, y, keep):
-            return x + (y if keep is None else apply_drop_path(y, keep, drop_rate))
+        x = self.mix_attention(x, attn_keep, mlp_keep, drop_rate)
+        return self.mix_mlp(x, attn_keep, mlp_keep, drop_rate)
 
-        x = residual(x, self.attn(self.norm1(x)), attn_keep)
-        return residual(x, self.mlp(self.norm2(x)), mlp_keep)
+    def mix_attention(self, x, attn_keep=None, mlp_keep=None, drop_rate=None):
+        """mix's first half: x + attention (the attention residual). Same arguments as mix."""
+        return _residual(x, self.attn(self.norm1(x)), attn_keep, drop_rate)
+
+    def mix_mlp(self, x, attn_keep=None, mlp_keep=None, drop_rate=None):
+        """mix's second half: x + MLP, x the attention residual. Same arguments as mix."""
+        return _residual(x, self.mlp(self.norm2(x)), mlp_keep, drop_rate)
 
     def __call__(self, x, drop_key, drop_rate, *, videos: int, time_tokens: int,
                  use_drop_path: bool):
@@ -905,6 +993,12 @@ class VisionTransformer(nn.Module):
         adapter step ran 3-7% slower (a profile / an A/B run) for a peak no lower (the forward
         pass holds that output whole for a moment either way), and at 768 frames 24 MiB less
         of XLA's temporaries (743 vs 767 MiB). False: keep block 0's output like the other block inputs.
+      keep_attention_residual: where the TIAs alone train through scanned, remat "full" chunk
+        groups (as recompute_embedding), each unit also keeps its attention residual (x +
+        attention, the MLP's input) for the backward pass (scan_units_recompute's keep_mid),
+        whose recompute of the attention half then skips the P·V matmul and the projection:
+        one more activation per block kept (ViT-S, 256 frames, 160 px: ~20 MB a block) for
+        less time. False: each block recomputed from its input alone.
     """
 
     embed_dim: int
@@ -930,6 +1024,7 @@ class VisionTransformer(nn.Module):
     remat_input_dtype: Any = None
     row_axes: Sequence[str] = ()
     recompute_embedding: bool = True
+    keep_attention_residual: bool = False
 
     def __post_init__(self):
         # A list from a config becomes a tuple so the module stays hashable (jit static args).
@@ -992,6 +1087,16 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"remat_input_dtype={self.remat_input_dtype!r} needs remat_policy "
                              f"'full' (the block recomputed from its input), got "
                              f"{self.remat_policy!r}")
+        if self.keep_attention_residual and not (
+                self.scan_blocks and self.remat_policy == "full" and self.chunk_group > 0
+                and not self.remat_input_dtype and self.adapter_mode == "adapter"):
+            raise ValueError("keep_attention_residual applies to the TIA-only training of "
+                             "scanned, remat 'full' chunk groups: it needs adapter_mode "
+                             "'adapter', scan_blocks=True, remat_policy 'full', chunk_group > 0 "
+                             f"and no remat_input_dtype; got adapter_mode={self.adapter_mode!r}, "
+                             f"scan_blocks={self.scan_blocks}, remat_policy={self.remat_policy!r}, "
+                             f"chunk_group={self.chunk_group}, "
+                             f"remat_input_dtype={self.remat_input_dtype!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.chunk_frames % self.tubelet:
@@ -1253,7 +1358,7 @@ class VisionTransformer(nn.Module):
                                use_drop_path=use_drop_path, mix=bool(mixes),
                                keep_adapter=keep_prev if gated else None,
                                keep=keep if gated else None, videos=videos,
-                               time_tokens=time_tokens)
+                               time_tokens=time_tokens, split=self.keep_attention_residual)
 
         def recomputed(run):
             """Whether a run goes through scan_units_recompute."""
@@ -1307,7 +1412,8 @@ class VisionTransformer(nn.Module):
                 x = scan_units_recompute(
                     unit_of, trained, [unit_params(j)["mix"] for j in units],
                     (keys[cur], rates[cur], keep_flags[prev], keep_flags[cur]), x, tail,
-                    groups=groups, row_axes=self.row_axes, finish=finish, head=head)
+                    groups=groups, row_axes=self.row_axes, finish=finish, head=head,
+                    keep_mid=self.keep_attention_residual)
                 head = None
                 continue
             fn = picking_unit_fn if pick else unit_fn
