@@ -30,9 +30,11 @@ _set_xla_defaults()
 # what compiling a step frees (on the compiling thread) stays resident beside what XLA:CPU's
 # worker threads then allocate. tadjax allows one arena per 8 cores (one on small hosts).
 # 768-frame ViT-S adapter step (`bench reference`): 1.37 vs 1.44 GB peak resident memory,
-# 0.54 vs 0.63 GB held between steps, same step time (2 arenas: 1.42 / 0.56 GB). The cost:
+# 0.54 vs 0.63 GB held between steps (2 arenas: 1.42 / 0.56 GB). The cost:
 # on 2 cores XLA compiles ~12% slower (the demo's train step: 56-62 vs 48-54 s), its threads
-# contending for the one lock; MALLOC_ARENA_MAX=2 compiles at full speed. MALLOC_ARENA_MAX
+# contending for the one lock; MALLOC_ARENA_MAX=2 compiles at full speed. The steps contend too,
+# in about half the processes (256-frame step: 21 vs 17.7 s, 5x the context switches; 2 or 3
+# arenas did not avoid it, glibc's default did). MALLOC_ARENA_MAX
 # or a glibc.malloc.arena_max tunable set by the user is kept; TADJAX_MALLOC_DEFAULTS=0
 # leaves glibc's default.
 M_ARENA_MAX = -8   # mallopt parameter number (glibc malloc.h)

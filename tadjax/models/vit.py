@@ -559,7 +559,8 @@ def scan_units_recompute(unit, trained, frozen, consts, x, tail=None, *, groups:
         if finish is None:
             return rows_fn
         if isinstance(rows_fn, SplitRows):
-            return SplitRows(rows_fn.first, lambda t, f, mid, m: finish(rows_fn.second(t, f, mid, m)))
+            return SplitRows(rows_fn.first,
+                             lambda t, f, mid, m: finish(rows_fn.second(t, f, mid, m)))
         return lambda t, f, r, d, m: finish(rows_fn(t, f, r, d, m))
 
     @jax.custom_vjp
@@ -848,7 +849,7 @@ class Block(nn.Module):
     chunk_group: int = 0
     remat_policy: str = "none"
     row_axes: tuple[str, ...] = ()
-    attention_row_from_probs: bool = False
+    attention_row_from_probs: bool = False   # Attention.row_from_probs (unit_pieces sets it)
 
     def setup(self):
         def norm():
