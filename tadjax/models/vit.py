@@ -1088,9 +1088,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"remat_input_dtype={self.remat_input_dtype!r} needs remat_policy "
                              f"'full' (the block recomputed from its input), got "
                              f"{self.remat_policy!r}")
-        if self.keep_attention_residual and not (
-                self.scan_blocks and self.remat_policy == "full" and self.chunk_group > 0
-                and not self.remat_input_dtype and self.adapter_mode == "adapter"):
+        if self.keep_attention_residual and not (self._units_recomputed_in_place()
+                                                 and self.chunk_group > 0):
             raise ValueError("keep_attention_residual applies to the TIA-only training of "
                              "scanned, remat 'full' chunk groups: it needs adapter_mode "
                              "'adapter', scan_blocks=True, remat_policy 'full', chunk_group > 0 "
@@ -1345,8 +1344,7 @@ class VisionTransformer(nn.Module):
             x = x_fn()
             rows = x.shape[0]
         groups = device_row_groups(rows, self.chunk_group, self.row_axes)
-        in_place = (self.scan_blocks and self.remat_policy == "full" and groups > 1
-                    and not self.remat_input_dtype and self._unit_grad_keys() == ("adapter",))
+        in_place = self._units_recomputed_in_place() and groups > 1
 
         def unit_of(mixes, i, consts, shape):
             """unit_pieces of a unit that starts with a TIA (the trained part), its frozen
@@ -1464,6 +1462,12 @@ class VisionTransformer(nn.Module):
             if pool:
                 x = spatial_mean(x, time_tokens)
         return x, taps, outputs
+
+    def _units_recomputed_in_place(self) -> bool:
+        """Whether the settings send the units through scan_units_recompute (given more than one
+        chunk group): scanned, remat "full" with float inputs kept, only the TIAs trained."""
+        return bool(self.scan_blocks and self.remat_policy == "full" and not self.remat_input_dtype
+                    and self._unit_grad_keys() == ("adapter",))
 
     def _unit_grad_keys(self) -> tuple[str, ...] | None:
         """Entries of a unit's parameters ({"mix": ..., "adapter": ...}) that get gradients
