@@ -34,7 +34,9 @@ _set_xla_defaults()
 # on 2 cores XLA compiles ~12% slower (the demo's train step: 56-62 vs 48-54 s), its threads
 # contending for the one lock; MALLOC_ARENA_MAX=2 compiles at full speed. The steps contend too,
 # in about half the processes (256-frame step: 21 vs 17.7 s, 5x the context switches; 2 or 3
-# arenas did not avoid it, glibc's default did). MALLOC_ARENA_MAX
+# arenas did not avoid it, glibc's default did): XLA's two worker threads block on the arena's
+# lock inside free() (YNNPACK's temporaries, XLA's parallel-task contexts, oneDNN's sgemm
+# workspace; a perf context-switch profile, README). MALLOC_ARENA_MAX
 # or a glibc.malloc.arena_max tunable set by the user is kept; TADJAX_MALLOC_DEFAULTS=0
 # leaves glibc's default.
 M_ARENA_MAX = -8   # mallopt parameter number (glibc malloc.h)

@@ -16,3 +16,25 @@ def test_peak_rss_since_reset_follows_an_allocation():
     after = bench.peak_rss_bytes_since_reset()
     assert during - before >= 60 * 2**20, (before, during)
     assert during - after >= 60 * 2**20, (during, after)
+
+
+def test_time_steps_counts_each_steps_page_faults_waits_and_cpu():
+    """A step that maps 64 MiB afresh (no huge pages), writes one byte in each 4 KiB page and
+    sleeps 5 times: >= 16,384 minor faults and >= 5 voluntary context switches per step; the CPU
+    seconds are those of the touching, under the step's time (50 ms of it asleep)."""
+    import mmap
+    import time
+
+    def step():
+        block = mmap.mmap(-1, 64 * 2**20)
+        if hasattr(block, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            block.madvise(mmap.MADV_NOHUGEPAGE)
+        np.frombuffer(block, np.uint8)[::mmap.PAGESIZE] = 1
+        block.close()
+        for _ in range(5):
+            time.sleep(0.01)
+
+    out = bench.time_steps(step, 3)
+    assert out["minor_faults_per_step"] >= 16384, out
+    assert out["context_switches_per_step"] >= 5, out
+    assert 0 < out["cpu_seconds_per_step"] < out["step_seconds"], out

@@ -58,6 +58,8 @@ def test_reference_rounds_alternate_and_report_the_median_ratio():
     ratios = [a / b for a, b in zip(j["step_seconds_rounds"], t["step_seconds_rounds"])]
     assert out["time_ratios"] == pytest.approx(ratios)
     assert out["time_ratio"] == pytest.approx(sum(ratios) / 2)    # the median of two
+    assert len(j["context_switches_per_step_rounds"]) == len(t["minor_faults_per_step_rounds"]) == 2
+    assert all(c > 0 for c in j["cpu_seconds_per_step_rounds"] + t["cpu_seconds_per_step_rounds"])
     assert j["step_seconds"] == pytest.approx(sum(j["step_seconds_rounds"]) / 2)
     assert out["memory_ratio_steps"] == pytest.approx(
         j["peak_rss_bytes_steps"] / t["peak_rss_bytes_steps"])

@@ -69,7 +69,11 @@ def time_steps(step, steps: int, compile=None) -> dict:
     freed memory handed back, as the trainer does), `step()` (which must block until its work
     is done) once as a warm-up, then `steps` timed times. Median and all step times, and the
     peak resident memory overall and during the timed steps alone (compilation and the
-    warm-up's allocations excluded)."""
+    warm-up's allocations excluded). Per timed step, from getrusage: the process's CPU seconds
+    (user + system; a 2-core machine kept busy gives twice the step time), its voluntary
+    context switches (a thread waiting: on a lock, e.g. the C heap's, or for work) and its
+    minor page faults (memory mapped afresh and touched, e.g. a large buffer allocated again
+    every step)."""
     compile_seconds = None
     if compile is not None:
         import tadjax
@@ -84,10 +88,15 @@ def time_steps(step, steps: int, compile=None) -> dict:
     reset = reset_peak_rss()
     rss_before_steps = _proc_status_bytes("VmRSS")
     times = []
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t0 = time.time()
         step()
         times.append(time.time() - t0)
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+
+    def per_step(field):
+        return (getattr(usage1, field) - getattr(usage0, field)) / max(steps, 1)
     # The steps' peak first: the overall peak includes it (the kernel's ru_maxrss can lag
     # VmHWM by what was allocated since it was last updated).
     peak_steps = peak_rss_bytes_since_reset() if reset else None
@@ -95,7 +104,10 @@ def time_steps(step, steps: int, compile=None) -> dict:
             "first_step_seconds": first, "compile_seconds": compile_seconds,
             "peak_rss_bytes": max(peak_overall, peak_rss_bytes(), peak_steps or 0),
             "peak_rss_bytes_steps": peak_steps,
-            "rss_bytes_before_steps": rss_before_steps}
+            "rss_bytes_before_steps": rss_before_steps,
+            "cpu_seconds_per_step": per_step("ru_utime") + per_step("ru_stime"),
+            "context_switches_per_step": per_step("ru_nvcsw"),
+            "minor_faults_per_step": per_step("ru_minflt")}
 
 
 def load_config(path: str, overrides: list[str]):

@@ -21,7 +21,8 @@ The machine is shared and noisy: compare the ratios printed here, measured in on
 `--rounds R` the two sides run R times each, alternating (tadjax first in even rounds, PyTorch
 first in odd ones, so that a drift of the machine's load falls on both), and the figures are the
 median time ratio over the rounds (with every round's ratio listed), each side's median step
-time, and each side's largest peak. Needs
+time, and each side's largest peak (and each round's CPU seconds, context switches and page
+faults per step, see `time_steps`). Needs
 torch (`pip install -e ".[torch]"`); no weights are downloaded (both sides use random weights).
 """
 from __future__ import annotations
@@ -232,7 +233,10 @@ def run(args, overrides) -> dict:
             return {"step_seconds": statistics.median(r["step_seconds"] for r in runs),
                     "step_seconds_rounds": [r["step_seconds"] for r in runs],
                     "peak_rss_bytes": largest(runs, "peak_rss_bytes"),
-                    "peak_rss_bytes_steps": largest(runs, "peak_rss_bytes_steps")}
+                    "peak_rss_bytes_steps": largest(runs, "peak_rss_bytes_steps"),
+                    **{f"{key}_rounds": [r.get(key) for r in runs] for key in (
+                        "cpu_seconds_per_step", "context_switches_per_step",
+                        "minor_faults_per_step")}}
         j, t = summary("tadjax"), summary("torch")
         result["rounds"] = args.rounds
         result["time_ratios"] = [r["time_ratio"] for r in rounds]
