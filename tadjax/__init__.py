@@ -32,11 +32,11 @@ _set_xla_defaults()
 # 768-frame ViT-S adapter step (`bench reference`): 1.37 vs 1.44 GB peak resident memory,
 # 0.54 vs 0.63 GB held between steps (2 arenas: 1.42 / 0.56 GB). The cost:
 # on 2 cores XLA compiles ~12% slower (the demo's train step: 56-62 vs 48-54 s), its threads
-# contending for the one lock; MALLOC_ARENA_MAX=2 compiles at full speed. The steps contend too,
-# in about half the processes (256-frame step: 21 vs 17.7 s, 5x the context switches; 2 or 3
-# arenas did not avoid it, glibc's default did): XLA's two worker threads block on the arena's
-# lock inside free() (YNNPACK's temporaries, XLA's parallel-task contexts, oneDNN's sgemm
-# workspace; a perf context-switch profile, README). MALLOC_ARENA_MAX
+# contending for the one lock; MALLOC_ARENA_MAX=2 compiles at full speed. The steps contend too
+# (256-frame step: 3-5x glibc's default's context switches in every process; slower in about
+# half of them, 21 vs 17.7 s; 2 or 3 arenas did not avoid it): XLA's two worker threads block
+# on the arena's lock inside free() (YNNPACK's temporaries, XLA's parallel-task contexts,
+# oneDNN's sgemm workspace; a perf context-switch profile, README). MALLOC_ARENA_MAX
 # or a glibc.malloc.arena_max tunable set by the user is kept; TADJAX_MALLOC_DEFAULTS=0
 # leaves glibc's default.
 M_ARENA_MAX = -8   # mallopt parameter number (glibc malloc.h)

@@ -234,7 +234,7 @@ def run(args, overrides) -> dict:
                     "step_seconds_rounds": [r["step_seconds"] for r in runs],
                     "peak_rss_bytes": largest(runs, "peak_rss_bytes"),
                     "peak_rss_bytes_steps": largest(runs, "peak_rss_bytes_steps"),
-                    **{f"{key}_rounds": [r.get(key) for r in runs] for key in (
+                    **{f"{key}_rounds": [r[key] for r in runs] for key in (
                         "cpu_seconds_per_step", "context_switches_per_step",
                         "minor_faults_per_step")}}
         j, t = summary("tadjax"), summary("torch")
