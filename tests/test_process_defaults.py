@@ -1,6 +1,7 @@
 """tadjax's process defaults (tadjax/__init__.py). XLA:CPU flags: added to XLA_FLAGS at import,
-never over a flag the user set, none with TADJAX_XLA_DEFAULTS=0. glibc malloc arenas: limited at
-import, unless the user set MALLOC_ARENA_MAX, or with TADJAX_MALLOC_DEFAULTS=0."""
+never over a flag the user set, none with TADJAX_XLA_DEFAULTS=0. glibc malloc arenas and
+thresholds: set at import, unless the user set them (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), or with TADJAX_MALLOC_DEFAULTS=0."""
 import os
 import platform
 import subprocess
@@ -62,9 +63,54 @@ def arenas_after_import(**env):
     return err.count("Arena ")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="glibc malloc only")
+glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc malloc only")
+
+
+@glibc_only
 def test_malloc_arenas_limited_unless_the_user_chose():
     assert arenas_after_import() == tadjax.malloc_arenas() == max(1, os.cpu_count() // 8)
     assert arenas_after_import(TADJAX_MALLOC_DEFAULTS="0") > tadjax.malloc_arenas()
     assert arenas_after_import(MALLOC_ARENA_MAX="5") == 5
+
+
+# A 16 MB buffer allocated, written through and freed three times: the minor page faults of each
+# round, and the buffer's size in pages.
+REUSE = r"""
+import ctypes, resource
+import tadjax
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 16 << 20
+def faults_of_one_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(p)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(*[faults_of_one_buffer() for _ in range(3)], size // resource.getpagesize())
+"""
+
+
+def faults_per_round(**env):
+    out, _ = run_after_import(REUSE, env, ("TADJAX_MALLOC_DEFAULTS", "GLIBC_TUNABLES",
+                                           "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    *faults, pages = map(int, out.split())
+    return [f / pages for f in faults]   # the fraction of the buffer's pages faulted in
+
+
+@glibc_only
+def test_freed_buffers_are_reused_without_faulting_unless_the_user_chose():
+    # tadjax's thresholds: the buffer comes from the heap and stays there once freed, so only
+    # the first round faults its pages in.
+    first, *again = faults_per_round()
+    assert first > 0.9 and max(again) < 0.05
+    # glibc's own: the first buffer is mapped and unmapped, which raises the mmap threshold;
+    # the second comes from heap pages never touched before; only the third reuses memory.
+    assert min(faults_per_round(TADJAX_MALLOC_DEFAULTS="0")[:2]) > 0.9
+    # a threshold the user set is kept: a 128 KiB mmap threshold maps every buffer afresh, and
+    # a 128 KiB trim threshold hands the freed heap top back each time.
+    assert min(faults_per_round(MALLOC_MMAP_THRESHOLD_="131072")) > 0.9
+    assert min(faults_per_round(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")) > 0.9
