@@ -86,3 +86,48 @@ def test_bench_step_reports_what_its_memory_is_made_of():
     assert abs(out["state_bytes"] - expected) < 1024, (out["state_bytes"], expected)
     assert out["compiled_temp_bytes"] > 0
     assert out["peak_rss_bytes"] >= out["rss_bytes_after_imports"] + out["state_bytes"]
+
+
+def test_detector_sizes_describe_the_configs_head():
+    """The PyTorch side builds its head from `detector_sizes`: the flax head of the detector the
+    config builds (its init's paths and shapes) loads into it path for path, shape for shape."""
+    pytest.importorskip("torch")
+    import jax
+    import numpy as np
+    from tadjax.tools import torch_actionformer
+    from tadjax.models import detector as detector_lib
+    config = load_config(REPO_CONFIG, [])
+    size = bench_reference.detector_sizes(config, 32)
+    assert size["length"] == 32 and size["lr_head"] == config.train.param_groups[1]["lr"]
+    model = detector_lib.build_detector(config)
+    feats = jax.ShapeDtypeStruct((1, size["length"], size["dim"]), np.float32)
+    mask = jax.ShapeDtypeStruct((1, size["length"]), np.bool_)
+    shapes = jax.eval_shape(lambda k, f, m: model.head.init(k, f, m, train=False)["params"],
+                            jax.random.key(0), feats, mask)
+    head = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    module = torch_actionformer.ActionFormer(in_channels=size["dim"], **size["head"])
+    torch_actionformer.load_flax_params(module, head)   # raises on any path or shape mismatch
+    assert sum(p.numel() for p in module.parameters()) == sum(
+        x.size for x in jax.tree.leaves(head))
+
+
+@pytest.mark.slow
+def test_reference_detector_torch_side_runs_in_a_process_without_jax(tmp_path):
+    """`--detector`: the PyTorch side trains the whole detector on the targets tadjax assigned to
+    `bench step`'s batch, in a process that imports no JAX; its positives are those targets'."""
+    import numpy as np
+    config = load_config(REPO_CONFIG, [])
+    size = bench_reference.detector_sizes(config, 32)
+    targets = str(tmp_path / "targets.npz")
+    bench_reference.write_targets(config, 32, targets)
+    positives = int((np.load(targets)["cls_targets"].sum(-1) > 0).sum())
+    assert positives > 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "tadjax.tools.bench", "reference", "--config", REPO_CONFIG,
+         "--frames", "32", "--steps", "1", "--side", "torch", "--detector", "--sizes",
+         json.dumps(size), "--targets", targets, "--json"],
+        capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["jax_imported"] is False
+    assert out["num_pos"] == positives and np.isfinite(out["loss"]) and out["loss"] > 0
+    assert out["step_seconds"] > 0 and out["peak_rss_bytes"] >= out["peak_rss_bytes_steps"] > 0

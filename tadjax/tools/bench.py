@@ -9,7 +9,8 @@
   python -m tadjax.tools.bench eval [--json]       THUMOS14 evaluation speed (424,000 predictions)
   python -m tadjax.tools.bench reference --config configs/adatad_thumos_s.py [--frames 256] [--rounds R] [--json]
       the backbone's adapter step (ViT + TIA, remat) in tadjax and in a PyTorch reference, one
-      process each, with time and memory ratios (tadjax/tools/bench_reference.py; needs torch)
+      process each, with time and memory ratios (tadjax/tools/bench_reference.py; needs torch);
+      with --detector, the whole detector's train step (the head, its loss, optimizer and EMA)
   python -m tadjax.tools.bench blockdrop --config configs/adatad_thumos_s.py --drop 3 [--json]
       backbone FLOPs and forward time, full vs. block-dropped (tadjax/tools/bench_blockdrop.py)
   python -m tadjax.tools.bench etad --config configs/adatad_anet_s.py [--ratio 0.3] [--json]
@@ -124,10 +125,40 @@ def load_config(path: str, overrides: list[str]):
     return fv.config
 
 
+def with_frames(config, frames: int | None):
+    """`config` with `frames` fed to the backbone (None: as configured). In window mode the
+    detector grid has frames / scale_factor positions; in resize mode it keeps its length."""
+    if frames:
+        with config.unlocked():
+            if config.data.mode == "window":
+                config.data.window = frames // int(config.data.scale_factor)
+            else:
+                config.data.scale_factor = frames // int(config.data.resize_length)
+    return config
+
+
+def random_batch(config, batch_size: int) -> dict:
+    """A training batch of random 0-255 frames and 4 random ground-truth segments per video
+    (numpy, seeded: the same batch for the same config)."""
+    import numpy as np
+    from tadjax.models import detector as detector_lib
+    frames_shape, mask_shape = detector_lib.input_shapes(config, batch_size)
+    rng = np.random.default_rng(0)
+    b, m, t = batch_size, int(config.data.max_gt), mask_shape[1]
+    starts = rng.uniform(0, t * 0.8, size=(b, m)).astype(np.float32)
+    lengths = rng.uniform(2, t * 0.2, size=(b, m)).astype(np.float32)
+    return {
+        "frames": rng.integers(0, 256, frames_shape, dtype=np.uint8),
+        "mask": np.ones(mask_shape, bool),
+        "gt_segments": np.stack([starts, np.minimum(starts + lengths, t)], -1),
+        "gt_labels": rng.integers(0, int(config.model.head.num_classes), (b, m)).astype(np.int32),
+        "gt_valid": (np.arange(m)[None, :] < 4).repeat(b, 0),
+    }
+
+
 def bench_step(args, overrides) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from tadjax.models import detector as detector_lib
     from tadjax.train import state as state_lib
     from tadjax.train.trainer import Run
@@ -136,32 +167,13 @@ def bench_step(args, overrides) -> dict:
     extra = []
     if args.dtype:
         extra += [f"--config.model.dtype={args.dtype}"]
-    config = load_config(args.config, overrides + extra)
-    if args.frames:
-        # Frames fed to the backbone; in window mode the detector grid has frames / scale_factor
-        # positions, in resize mode it keeps its length.
-        with config.unlocked():
-            if config.data.mode == "window":
-                config.data.window = args.frames // int(config.data.scale_factor)
-            else:
-                config.data.scale_factor = args.frames // int(config.data.resize_length)
+    config = with_frames(load_config(args.config, overrides + extra), args.frames)
     run = Run(config, None, with_data=False)
     tx, _ = run.make_tx(steps_per_epoch=100)
     state = run.init_state(tx)
     b = int(args.batch_size or config.data.batch_size)
-    frames_shape, mask_shape = detector_lib.input_shapes(config, b)
-    rng = np.random.default_rng(0)
-    m = int(config.data.max_gt)
-    t = mask_shape[1]
-    starts = rng.uniform(0, t * 0.8, size=(b, m)).astype(np.float32)
-    lengths = rng.uniform(2, t * 0.2, size=(b, m)).astype(np.float32)
-    batch = {
-        "frames": jnp.asarray(rng.integers(0, 256, frames_shape, dtype=np.uint8)),
-        "mask": jnp.ones(mask_shape, bool),
-        "gt_segments": jnp.asarray(np.stack([starts, np.minimum(starts + lengths, t)], -1)),
-        "gt_labels": jnp.asarray(rng.integers(0, int(config.model.head.num_classes), (b, m)), jnp.int32),
-        "gt_valid": jnp.asarray(np.arange(m)[None, :] < 4).repeat(b, 0),
-    }
+    frames_shape, _ = detector_lib.input_shapes(config, b)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(config, b).items()}
     step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
     box = {"state": state}
 
@@ -214,7 +226,8 @@ def main(argv=None):
     bench_eval.add_arguments(p)
     if not any(a.dest == "json" for a in p._actions):
         p.add_argument("--json", action="store_true")
-    p = sub.add_parser("reference", help="backbone adapter step: tadjax vs a PyTorch reference")
+    p = sub.add_parser("reference", help="backbone adapter step (or, with --detector, the whole "
+                                         "detector's step): tadjax vs a PyTorch reference")
     from tadjax.tools import bench_reference
     bench_reference.add_arguments(p)
     p = sub.add_parser("blockdrop", help="backbone FLOPs and forward time with blocks dropped")
