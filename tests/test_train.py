@@ -97,29 +97,3 @@ def test_background_compiled_step_and_its_fallbacks():
     # Other shapes than compiled for: the jitted step from then on.
     np.testing.assert_array_equal(wrapped(jnp.ones(4), jnp.ones(4))[0], 2 * np.ones(4))
     np.testing.assert_array_equal(wrapped(jnp.ones(3), jnp.ones(3))[0], 2 * np.ones(3))
-
-
-def test_init_state_clears_jaxs_caches_only_when_asked():
-    """The trainer asks `init_state` to clear JAX's caches (what they keep of the one-off
-    initialisation stays resident otherwise); a function compiled before is then traced again,
-    and without the flag it is not. (The demo's initialiser swapped for a small one: compiling
-    the real one twice takes over a minute here.)"""
-    from conftest import REPO, load_config_file
-    traces = []
-
-    @jax.jit
-    def f(x):
-        traces.append(1)
-        return x + 1
-
-    f(1.0)
-    run = trainer.Run(load_config_file(REPO / "configs" / "demo.py"), None, with_data=False)
-    run._init_fn = lambda tx: lambda a, b: {"step": jax.numpy.zeros((), "int32")}
-    run.state_shardings = lambda tx: None
-    run.init_state(None)
-    f(1.0)
-    assert len(traces) == 1
-    state = run.init_state(None, clear_caches=True)
-    f(1.0)
-    assert len(traces) == 2
-    assert int(state["step"]) == 0

@@ -170,7 +170,7 @@ def bench_step(args, overrides) -> dict:
     config = with_frames(load_config(args.config, overrides + extra), args.frames)
     run = Run(config, None, with_data=False)
     tx, _ = run.make_tx(steps_per_epoch=100)
-    state = run.init_state(tx, clear_caches=True)   # as the trainer does
+    state = run.init_state(tx)
     b = int(args.batch_size or config.data.batch_size)
     frames_shape, _ = detector_lib.input_shapes(config, b)
     batch = {k: jnp.asarray(v) for k, v in random_batch(config, b).items()}

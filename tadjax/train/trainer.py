@@ -135,21 +135,10 @@ class Run:
         shapes = jax.eval_shape(self._init_fn(tx), self.init_rng, self.state_rng)
         return sharding_lib.tree_shardings(self.mesh, self.config.mesh, shapes)
 
-    def init_state(self, tx, *, clear_caches: bool = False):
-        """A fresh train state, each array created directly in its sharding.
-
-        clear_caches: then `jax.clear_caches()`, which the trainer asks for: what JAX's caches
-        keep of the one-off initialisation (its traced and compiled programs) stays resident
-        otherwise, 0.13-0.15 GB for the ViT-S detector at 256 frames (resident memory after
-        init 0.98-1.03 GB, 0.85 GB once cleared, the state 0.53 GB; deleting the compiled init
-        alone freed nothing). Other programs compiled so far in the process are traced and
-        compiled again when next called."""
-        state = jax.jit(self._init_fn(tx), out_shardings=self.state_shardings(tx))(
+    def init_state(self, tx):
+        """A fresh train state, each array created directly in its sharding."""
+        return jax.jit(self._init_fn(tx), out_shardings=self.state_shardings(tx))(
             self.init_rng, self.state_rng)
-        if clear_caches:
-            jax.block_until_ready(state)
-            jax.clear_caches()
-        return state
 
     def abstract_state(self, tx):
         """ShapeDtypeStructs of the train state, with shardings (the checkpoint restore target)."""
@@ -503,7 +492,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption):
         state = ckpt.restore(latest, run.abstract_state(tx), data_iterator=train_iter)
         logging.info("resumed from %s at step %d", ckpt.directory, latest)
     else:
-        state = run.init_state(tx, clear_caches=True)
+        state = run.init_state(tx)
         if config.model.get("pretrained"):
             from tadjax import surgery
             # Back into the run's shardings: with the loaded arrays' own placement the first
