@@ -178,7 +178,10 @@ def _scanned_checkpointed_units(unit, trained, mixes, consts, x, tail, groups):
     return jax.checkpoint(lambda t, h: one(t, None, tail_consts, h, tail_unit))(tail_trained, h)
 
 
-@pytest.mark.parametrize("groups,pool", [(1, False), (2, False), (8, False), (8, True)])
+# The heaviest cases (23-37 s each on the CI's 2 cores) run with the slow checks, to keep the
+# default suite under 10 minutes; the others cover the same code paths.
+@pytest.mark.parametrize("groups,pool", [pytest.param(1, False, marks=pytest.mark.slow),
+                                         (2, False), (8, False), (8, True)])
 def test_scan_units_recompute_matches_scanned_checkpointed_units(groups, pool):
     """Values and gradients (TIAs, input) of scan_units_recompute (unit inputs in one stack,
     read and overwritten in place) against JAX's autodiff of lax.scan of checkpointed units,
@@ -207,7 +210,7 @@ def test_scan_units_recompute_matches_scanned_checkpointed_units(groups, pool):
     assert float(jnp.max(jnp.abs(got[1][0]["adapter"]["down"]["kernel"]))) > 0
 
 
-@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("groups", [1, pytest.param(8, marks=pytest.mark.slow)])
 def test_scan_units_recompute_head_matches_given_input(groups):
     """With a head (x computed from row-aligned inputs, recomputed group by group in the
     backward pass instead of kept), the values and the gradients of the TIAs are those with x
