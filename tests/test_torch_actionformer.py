@@ -23,6 +23,7 @@ from tadjax.detection.assignment import assign_targets_batch  # noqa: E402
 from tadjax.detection.losses import detection_loss as jax_detection_loss  # noqa: E402
 from tadjax.detection.points import make_points  # noqa: E402
 from tadjax.models.actionformer import ActionFormer as FlaxActionFormer  # noqa: E402
+from tadjax import tree as tree_lib  # noqa: E402
 from tadjax.tools import torch_actionformer as ta  # noqa: E402
 
 # Cheap XLA settings: these small programs need compiling fast, not running fast.
@@ -53,7 +54,7 @@ def _param_shapes(arch, length):
     m = jax.ShapeDtypeStruct((1, length), jnp.bool_)
     shapes = jax.eval_shape(lambda k, x, m: model.init(k, x, m, train=False)["params"],
                             jax.random.PRNGKey(0), x, m)
-    return ta._flatten(shapes)
+    return tree_lib.flatten(shapes)
 
 
 def _flax_params(arch, length, path_pdrop, seed=0):
@@ -61,7 +62,7 @@ def _flax_params(arch, length, path_pdrop, seed=0):
     uniform(+-1/sqrt(fan_in)) as the flax init, every scale 1 + N(0, 0.3^2), every bias
     N(0, 0.3^2)."""
     rng = np.random.default_rng(seed)
-    tree = {}
+    flat = {}
     for path, s in _param_shapes(arch, length).items():
         if "drop_path" in path and not path_pdrop > 0:
             continue
@@ -70,12 +71,8 @@ def _flax_params(arch, length, path_pdrop, seed=0):
             value = rng.uniform(-bound, bound, s.shape)
         else:
             value = 0.3 * rng.normal(size=s.shape) + (path.split("/")[-1].startswith("scale"))
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = np.asarray(value, np.float32)
-    return tree
+        flat[path] = np.asarray(value, np.float32)
+    return tree_lib.unflatten(flat)
 
 
 def _torch_model(arch, path_pdrop, window, params):

@@ -256,6 +256,17 @@ def detector_sizes(config, frames: int) -> dict:
         raise ValueError(f"bench reference --detector: config.train.param_groups has no "
                          f"group named {sorted(missing)} (have {sorted(groups)})")
     h, m = config.model.head, config.model
+    # The PyTorch port covers what the THUMOS configs use; the ActivityNet ones add an absolute
+    # position embedding and label smoothing, which it does not (yet) have: an error, not a
+    # comparison of two different steps.
+    unsupported = {k: v for k, v in (("model.head.use_abs_pe", bool(h.get("use_abs_pe", False))),
+                                     ("model.head.input_pdrop", float(h.get("input_pdrop", 0.0))),
+                                     ("model.label_smoothing", float(m.get("label_smoothing", 0.0))))
+                   if v}
+    if unsupported:
+        raise ValueError(f"bench reference --detector: the PyTorch side does not implement "
+                         f"{unsupported} (set them off with --config overrides, or compare the "
+                         f"THUMOS configs)")
     return {**sizes(config), "length": int(loader_lib.grid_length(config.data)),
             "drop_path_rate": float(m.backbone.drop_path_rate),
             "head": {"num_classes": int(h.num_classes), "channels": int(h.channels),
@@ -363,11 +374,14 @@ def run(args, overrides) -> dict:
             return run_torch_detector(json.loads(args.sizes), args.targets, args.frames,
                                       args.steps)
         return run_torch(json.loads(args.sizes), args.frames, args.steps)
-    if args.detector and args.side == "tadjax":
-        return run_tadjax_detector(args.config, overrides, args.frames, args.steps)
+    if args.side == "tadjax":
+        if args.detector:
+            return run_tadjax_detector(args.config, overrides, args.frames, args.steps)
+        return run_tadjax(load_config(args.config, overrides), args.frames, args.steps)
     config = load_config(args.config, overrides)
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+    # What the PyTorch side builds (and, for the detector, its targets), computed here once.
     with tempfile.TemporaryDirectory() as tmp:
         targets = os.path.join(tmp, "targets.npz")
         if args.detector:
@@ -375,8 +389,6 @@ def run(args, overrides) -> dict:
             write_targets(config, args.frames, targets)
         else:
             size = sizes(config)
-        if args.side == "tadjax":
-            return run_tadjax(config, args.frames, args.steps)
         if args.side == "torch":
             if args.detector:
                 return run_torch_detector(size, targets, args.frames, args.steps)
@@ -385,13 +397,12 @@ def run(args, overrides) -> dict:
 
 
 def _both_sides(args, overrides, size: str, targets: str) -> dict:
-    detector = ["--detector", "--targets", targets] if args.detector else []
-
     def one_side(side):
+        torch_only = ["--sizes", size, *(["--targets", targets] if args.detector else [])]
         cmd = [sys.executable, "-m", "tadjax.tools.bench", "reference", "--config", args.config,
                "--frames", str(args.frames), "--steps", str(args.steps), "--side", side,
-               "--json", *(["--sizes", size] if side == "torch" else []), *detector,
-               *overrides]
+               "--json", *(torch_only if side == "torch" else []),
+               *(["--detector"] if args.detector else []), *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode:
             raise RuntimeError(f"bench reference --side {side} failed:\n{proc.stderr[-3000:]}")
