@@ -155,22 +155,37 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
         trainable, frozen = opt_lib.split_trainable(state["params"], mask)
 
         loss, aux, grads = loss_and_grads(state, trainable, frozen, batch, key)
-        updates, opt_state = tx.update(grads, state["opt"], trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                           state["ema"], new_trainable)
-        new_state = dict(state, step=step + 1,
-                         params=opt_lib.merge_trainable(new_trainable, frozen),
-                         opt=opt_state, ema=ema, loss_norm=aux["normalizer"])
         grad_norm = _global_norm(grads)
         # Non-finite guard: a NaN/Inf loss or gradient (the global norm is non-finite as soon as
         # one element is) skips the update. Params, optimizer state, EMA and loss normaliser stay
         # as they were; `step` still advances, as the data iterator did, so that step N always
         # means "N batches consumed" and a resumed run lines up. The loop counts and logs the
         # skips (metrics["finite"]) and stops after config.train.max_bad_steps in a row.
+        # The update runs under lax.cond rather than being computed and then discarded by a
+        # select: with the select, XLA had to keep the old state beside the new (it copied
+        # donated buffers to do so); under cond it updates them in place. The compiled step's
+        # temporaries (`bench step`), the ViT-S config at 256 frames: 435 vs 543 MB, its peak
+        # resident memory 1.86 vs 2.01 GB; at 32 frames 252 vs 315 MB. Step time within the
+        # machine's noise (256 frames, 6 alternating pairs in one process: median 16.05 vs 15.72 s).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        new_state["step"] = step + 1
+
+        def update(operands):
+            trainable, opt, ema, grads = operands
+            updates, opt = tx.update(grads, opt, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, trainable)
+            return trainable, opt, ema
+
+        def keep(operands):
+            trainable, opt, ema, _ = operands
+            return trainable, opt, ema
+
+        new_trainable, opt_state, ema = jax.lax.cond(
+            finite, update, keep, (trainable, state["opt"], state["ema"], grads))
+        loss_norm = jnp.where(finite, aux["normalizer"], state["loss_norm"])
+        new_state = dict(state, step=step + 1,
+                         params=opt_lib.merge_trainable(new_trainable, frozen),
+                         opt=opt_state, ema=ema, loss_norm=loss_norm)
         metrics = {"loss": loss, "cls_loss": aux["cls_loss"], "reg_loss": aux["reg_loss"],
                    "num_pos": aux["num_pos"], "grad_norm": grad_norm, "finite": finite}
         return new_state, metrics
