@@ -39,3 +39,15 @@ def test_time_steps_counts_each_steps_page_faults_waits_and_cpu():
     assert out["minor_faults_per_step"] >= 64 * 2**20 // mmap.PAGESIZE, out
     assert out["context_switches_per_step"] >= 5, out
     assert 0 < out["cpu_seconds_per_step"] < out["step_seconds"], out
+
+
+def test_with_frames_sets_the_grid_or_refuses_what_the_config_cannot_take():
+    """Window configs take any frame count (grid = frames / scale_factor); resize configs (the
+    ActivityNet ones: every video to 192 positions) take multiples of the grid, else a clear
+    error rather than a zero-length grid."""
+    window = bench.with_frames(bench.load_config("configs/adatad_thumos_s.py", []), 256)
+    assert window.data.window * window.data.scale_factor == 256
+    resize = bench.with_frames(bench.load_config("configs/adatad_anet_s.py", []), 384)
+    assert (resize.data.resize_length, resize.data.scale_factor) == (192, 2)
+    with pytest.raises(ValueError, match="--frames 64.*multiple of 192"):
+        bench.with_frames(bench.load_config("configs/adatad_anet_s.py", []), 64)

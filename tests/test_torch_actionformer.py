@@ -203,6 +203,53 @@ def test_loss_and_input_gradients_match_flax():
     np.testing.assert_allclose(reg_loss.item(), cls_loss.item(), rtol=1e-6)
 
 
+def test_abs_pe_and_label_smoothing_match_flax():
+    """The ActivityNet configs' extras: the absolute position embedding (training length, and a
+    longer input in eval mode, where both resize the table) and label smoothing in the loss."""
+    params = _flax_params(LOSS_ARCH, LOSS_T, 0.0, seed=2)
+    feats, mask = _inputs(LOSS_T, LOSS_VALID)
+    gts = _random_gts(seed=3)
+    points = jnp.asarray(LOSS_POINTS)
+    eps = 0.1
+    for max_seq_len in (LOSS_T, LOSS_T // 2):   # the table as it is, then resized
+        cfg = dict(_config(LOSS_ARCH, 0.0, -1), use_abs_pe=True, max_seq_len=max_seq_len)
+        model = FlaxActionFormer(**cfg)
+
+        def loss(x, params, m, segments, labels, gt_valid):
+            out = model.apply({"params": params}, x, m, train=False)
+            total, aux = jax_detection_loss(out, points, segments, labels, gt_valid,
+                                            num_classes=NUM_CLASSES, normalizer=NORMALIZER,
+                                            normalizer_momentum=None, label_smoothing=eps)
+            targets = assign_targets_batch(points, segments, labels, gt_valid, NUM_CLASSES)
+            return total, (targets, out)
+
+        args = (jnp.asarray(feats), params, jnp.asarray(mask), *(jnp.asarray(a) for a in gts))
+        (j_total, (targets, j_out)), j_grad = jax.jit(
+            jax.value_and_grad(loss, has_aux=True)).lower(*args).compile(
+                compiler_options=FAST)(*args)
+        torch_model = ta.load_flax_params(ta.ActionFormer(C_IN, **cfg), params).eval()
+        x = torch.from_numpy(feats).requires_grad_(True)
+        out = torch_model(x, torch.from_numpy(mask))
+        _compare_outputs(out, j_out)
+        cls_t, reg_t = (torch.from_numpy(np.array(a)) for a in targets)
+        total, _, _ = ta.detection_loss(out, LOSS_POINTS, cls_t, reg_t, NORMALIZER,
+                                        label_smoothing=eps)
+        total.backward()
+        np.testing.assert_allclose(total.item(), float(j_total), rtol=1e-4)
+        _assert_close(x.grad.numpy(), np.asarray(j_grad))
+    # Nontrivial: the embedding and the smoothing each change the result.
+    plain = ta.load_flax_params(ta.ActionFormer(C_IN, **_config(LOSS_ARCH, 0.0, -1)),
+                                params).eval()
+    with torch.no_grad():
+        out_plain = plain(torch.from_numpy(feats), torch.from_numpy(mask))
+        assert not torch.allclose(out_plain["cls_logits"], out["cls_logits"], atol=1e-3)
+        unsmoothed, _, _ = ta.detection_loss(out, LOSS_POINTS, cls_t, reg_t, NORMALIZER)
+    assert abs(unsmoothed.item() - total.item()) > 1e-3 * abs(total.item())
+    # Training on a longer input than the table is an error, as in flax.
+    with pytest.raises(ValueError, match="max_seq_len"):
+        torch_model.train()(torch.from_numpy(feats), torch.from_numpy(mask))
+
+
 def test_bad_parameter_tree_names_the_path():
     params = {"params": _flax_params(ARCH, T, 0.1)}
     torch_model = ta.ActionFormer(C_IN, **_config(ARCH, 0.1, -1))
@@ -243,8 +290,15 @@ def test_initialisation_and_train_mode_drop_path():
     assert not state["stem.0.mlp.fc1.bias"].any()
     kernel = state["embed.0.conv.weight"]
     assert 0.9 * (1 / np.sqrt(3 * C_IN)) < kernel.abs().max() <= 1 / np.sqrt(3 * C_IN)
-    with pytest.raises(NotImplementedError):
-        ta.ActionFormer(C_IN, NUM_CLASSES, use_abs_pe=True)
+    # Input dropout (the ActivityNet configs' Dropout1d): whole channels of a sample, in training.
+    model = ta.ActionFormer(C_IN, NUM_CLASSES, channels=WIDTH, arch=(1, 0, 1), num_levels=2,
+                            input_pdrop=0.5).train()
+    x = torch.ones(64, 8, C_IN)
+    dropped = model.input_dropout(x.transpose(1, 2)).transpose(1, 2)
+    per_channel = dropped[:, 0, :]
+    assert torch.all(dropped == per_channel[:, None, :])   # the same along time
+    assert set(per_channel.unique().tolist()) == {0.0, 2.0}
+    assert 0.3 < float((per_channel == 0).float().mean()) < 0.7
 
     drop = ta.AffineDropPath(16, rate=0.5).train()
     with torch.no_grad():

@@ -133,7 +133,12 @@ def with_frames(config, frames: int | None):
             if config.data.mode == "window":
                 config.data.window = frames // int(config.data.scale_factor)
             else:
-                config.data.scale_factor = frames // int(config.data.resize_length)
+                length = int(config.data.resize_length)
+                if frames % length:
+                    raise ValueError(f"--frames {frames}: this config resizes every video to "
+                                     f"{length} positions (data.mode='resize'), so the frames "
+                                     f"must be a multiple of {length}")
+                config.data.scale_factor = frames // length
     return config
 
 

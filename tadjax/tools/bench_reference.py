@@ -247,7 +247,8 @@ def detector_sizes(config, frames: int) -> dict:
     """`sizes` plus what the PyTorch side of the whole detector builds and trains like the
     config's train step: the head, the grid length, the backbone's drop path, the adapter and
     head parameter groups (learning rate, weight decay), gradient clipping, the EMA decay, the
-    loss normaliser's start and the regression loss weight."""
+    loss normaliser's start, the regression loss weight and the label smoothing (with the
+    ActivityNet configs' absolute position embedding and input dropout in the head's sizes)."""
     from tadjax.data import loader as loader_lib
     config = with_frames(config, frames)
     groups = {str(g["name"]): g for g in config.train.param_groups}
@@ -256,24 +257,17 @@ def detector_sizes(config, frames: int) -> dict:
         raise ValueError(f"bench reference --detector: config.train.param_groups has no "
                          f"group named {sorted(missing)} (have {sorted(groups)})")
     h, m = config.model.head, config.model
-    # The PyTorch port covers what the THUMOS configs use; the ActivityNet ones add an absolute
-    # position embedding and label smoothing, which it does not (yet) have: an error, not a
-    # comparison of two different steps.
-    unsupported = {k: v for k, v in (("model.head.use_abs_pe", bool(h.get("use_abs_pe", False))),
-                                     ("model.head.input_pdrop", float(h.get("input_pdrop", 0.0))),
-                                     ("model.label_smoothing", float(m.get("label_smoothing", 0.0))))
-                   if v}
-    if unsupported:
-        raise ValueError(f"bench reference --detector: the PyTorch side does not implement "
-                         f"{unsupported} (set them off with --config overrides, or compare the "
-                         f"THUMOS configs)")
     return {**sizes(config), "length": int(loader_lib.grid_length(config.data)),
             "drop_path_rate": float(m.backbone.drop_path_rate),
             "head": {"num_classes": int(h.num_classes), "channels": int(h.channels),
                      "arch": [int(a) for a in h.arch], "n_head": int(h.n_head),
                      "mha_win_size": h.mha_win_size if isinstance(h.mha_win_size, int)
                      else [int(w) for w in h.mha_win_size],
-                     "path_pdrop": float(h.path_pdrop), "num_levels": len(m.strides)},
+                     "path_pdrop": float(h.path_pdrop), "num_levels": len(m.strides),
+                     "input_pdrop": float(h.get("input_pdrop", 0.0)),
+                     "use_abs_pe": bool(h.get("use_abs_pe", False)),
+                     "max_seq_len": int(loader_lib.grid_length(config.data))},
+            "label_smoothing": float(m.get("label_smoothing", 0.0)),
             **{f"{k}_{name}": float(groups[name][k]) for name in ("adapter", "head")
                for k in ("lr", "weight_decay")},
             "grad_clip": float(config.train.grad_clip), "ema_decay": float(config.train.ema_decay),
@@ -349,7 +343,8 @@ def run_torch_detector(size: dict, targets_path: str, frames: int, steps: int) -
         box["num_pos"] = float(((cls_t.sum(-1) > 0) & out["point_mask"]).sum())
         box["norm"] = 0.9 * box["norm"] + 0.1 * max(box["num_pos"], 1.0)
         total, _, _ = taf.detection_loss(out, points, cls_t, reg_t, box["norm"],
-                                         loss_weight=size["loss_weight"])
+                                         loss_weight=size["loss_weight"],
+                                         label_smoothing=size["label_smoothing"])
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(trainable, size["grad_clip"])

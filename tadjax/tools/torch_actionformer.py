@@ -17,8 +17,13 @@ it either).
   targets that are already assigned (`tadjax.detection.assignment.assign_targets_batch`) and a
   loss normaliser that is already updated.
 
-Not supported (NotImplementedError): `use_abs_pe` and `input_pdrop` > 0 (both off in the
-configurations the benchmark runs).
+The ActivityNet configurations' extras are here too: `use_abs_pe` (the sinusoid table over
+`max_seq_len` positions divided by sqrt(channels), added to the embedded features at valid
+positions; linearly resized to longer inputs in eval mode, an error in training, as in flax),
+`input_pdrop` (whole input channels of a sample dropped in training: `nn.Dropout1d`, flax's
+`Dropout(broadcast_dims=(1,))`) and `detection_loss(..., label_smoothing=eps)`. The sinusoid
+table is computed here again (a few lines of numpy) because this module must not import
+tadjax.models, which imports JAX.
 """
 from __future__ import annotations
 
@@ -223,11 +228,20 @@ class Head(nn.Module):
         return cls_out, reg_out
 
 
+def sinusoid_table(length: int, channels: int) -> np.ndarray:
+    """[length, channels] float32: sin on even channels, cos on odd, angle pos / 10000^(2(j//2)/C)."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    j = np.arange(channels)
+    angle = pos / np.power(10000.0, 2 * (j // 2) / channels)[None, :]
+    return np.where(j % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
+
+
 class ActionFormer(nn.Module):
     """Projection (embedding convs, stride-1 stem blocks, stride-2 branch blocks) + neck + head.
 
     Mirrors `tadjax.models.actionformer.ActionFormer(num_classes, channels, arch, n_head,
-    mha_win_size, path_pdrop, num_levels, head_convs, cls_prior_prob)`; `in_channels` is the
+    mha_win_size, path_pdrop, num_levels, head_convs, cls_prior_prob, input_pdrop, use_abs_pe,
+    max_seq_len)`; `in_channels` is the
     feature width flax infers at init. forward(feats [B, T, C_in], mask [B, T] bool) -> dict
     cls_logits [B, P, num_classes] float32, reg [B, P, 2] float32 (>= 0, stride units),
     point_mask [B, P] bool, levels concatenated in `make_points` order. T must be divisible by
@@ -238,12 +252,15 @@ class ActionFormer(nn.Module):
                  arch: Sequence[int] = (2, 2, 5), n_head: int = 4,
                  mha_win_size: int | Sequence[int] = -1, path_pdrop: float = 0.1,
                  num_levels: int = 6, head_convs: int = 2, cls_prior_prob: float = 0.01,
-                 input_pdrop: float = 0.0, use_abs_pe: bool = False):
+                 input_pdrop: float = 0.0, use_abs_pe: bool = False, max_seq_len: int = 768):
         super().__init__()
+        self.input_dropout = nn.Dropout1d(input_pdrop) if input_pdrop > 0 else None
+        self.max_seq_len = int(max_seq_len)
         if use_abs_pe:
-            raise NotImplementedError("torch ActionFormer: use_abs_pe is not supported")
-        if input_pdrop > 0:
-            raise NotImplementedError("torch ActionFormer: input_pdrop > 0 is not supported")
+            table = sinusoid_table(self.max_seq_len, channels) / math.sqrt(channels)
+            self.register_buffer("abs_pe", torch.from_numpy(table), persistent=False)
+        else:
+            self.abs_pe = None
         n_embed, n_stem, n_branch = (int(a) for a in arch)
         if num_levels != n_branch + 1:
             raise ValueError(f"ActionFormer: num_levels={num_levels} but arch={tuple(arch)} "
@@ -279,8 +296,19 @@ class ActionFormer(nn.Module):
                              f"{2 ** self.n_branch} (the largest stride); pad the features")
         mask = mask.bool()
         x = feats.to(self.neck.norm[0].weight.dtype)
+        if self.input_dropout is not None:   # [B, C, T]: whole channels of a sample
+            x = self.input_dropout(x.transpose(1, 2)).transpose(1, 2)
         for conv in self.embed:
             x = conv(x, mask)
+        if self.abs_pe is not None:
+            table = self.abs_pe
+            if length > self.max_seq_len:
+                if self.training:
+                    raise ValueError(f"ActionFormer: T={length} exceeds max_seq_len="
+                                     f"{self.max_seq_len} with an absolute position embedding")
+                table = F.interpolate(table.T[None], size=length, mode="linear",
+                                      align_corners=False)[0].T
+            x = x + table[:length][None].to(x.dtype) * _mask(mask, x.dtype)
         for block in self.stem:
             x, mask = block(x, mask)
         levels, masks = [x], [mask]
@@ -420,9 +448,9 @@ def decode_offsets(points, offsets):
 
 def detection_loss(outputs: Mapping[str, torch.Tensor], points, cls_targets, reg_targets,
                    normalizer, loss_weight: float = 1.0, alpha: float = 0.25,
-                   gamma: float = 2.0):
+                   gamma: float = 2.0, label_smoothing: float = 0.0):
     """Focal + DIoU loss of a batch, as `tadjax.detection.losses.detection_loss` with
-    `normalizer_momentum=None` and no label smoothing.
+    `normalizer_momentum=None`.
 
     Args:
       outputs: `ActionFormer` outputs (cls_logits [B, P, C], reg [B, P, 2], point_mask [B, P]).
@@ -433,6 +461,8 @@ def detection_loss(outputs: Mapping[str, torch.Tensor], points, cls_targets, reg
         max(num_pos, 1).
       loss_weight: weight of the regression loss; <= 0: the adaptive weight
         cls_loss / max(reg_loss, 0.01) (no gradient through the weight).
+      label_smoothing: eps; the classification targets become t * (1 - eps) + eps / (C + 1),
+        negatives too (the positives are counted before).
 
     Returns:
       (total, cls_loss, reg_loss) scalars; reg_loss already multiplied by the weight.
@@ -458,6 +488,9 @@ def detection_loss(outputs: Mapping[str, torch.Tensor], points, cls_targets, reg
     else:
         norm = torch.as_tensor(float(normalizer), dtype=torch.float32, device=device)
 
+    if label_smoothing:
+        num_classes = cls_targets.shape[-1]
+        cls_targets = cls_targets * (1.0 - label_smoothing) + label_smoothing / (num_classes + 1)
     focal = sigmoid_focal_loss(cls_logits, cls_targets, alpha, gamma)
     cls_loss = torch.where(valid[..., None], focal, torch.zeros_like(focal)).sum() / norm
 
