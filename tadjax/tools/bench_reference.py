@@ -257,7 +257,8 @@ def detector_sizes(config, frames: int) -> dict:
         raise ValueError(f"bench reference --detector: config.train.param_groups has no "
                          f"group named {sorted(missing)} (have {sorted(groups)})")
     h, m = config.model.head, config.model
-    return {**sizes(config), "length": int(loader_lib.grid_length(config.data)),
+    length = int(loader_lib.grid_length(config.data))   # the head's max_seq_len, as in flax
+    return {**sizes(config), "length": length,
             "drop_path_rate": float(m.backbone.drop_path_rate),
             "head": {"num_classes": int(h.num_classes), "channels": int(h.channels),
                      "arch": [int(a) for a in h.arch], "n_head": int(h.n_head),
@@ -266,7 +267,7 @@ def detector_sizes(config, frames: int) -> dict:
                      "path_pdrop": float(h.path_pdrop), "num_levels": len(m.strides),
                      "input_pdrop": float(h.get("input_pdrop", 0.0)),
                      "use_abs_pe": bool(h.get("use_abs_pe", False)),
-                     "max_seq_len": int(loader_lib.grid_length(config.data))},
+                     "max_seq_len": length},
             "label_smoothing": float(m.get("label_smoothing", 0.0)),
             **{f"{k}_{name}": float(groups[name][k]) for name in ("adapter", "head")
                for k in ("lr", "weight_decay")},
