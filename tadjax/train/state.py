@@ -54,8 +54,11 @@ def eval_params(state, mask):
 
 
 def _global_norm(tree):
+    """sqrt of the sum of squares of every element, in float32 (the leaves' sums stacked and
+    summed at once rather than added one by one: a chain of scalar additions)."""
     leaves = [x for x in jax.tree.leaves(tree) if x is not None]
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    return jnp.sqrt(jnp.sum(jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                       for x in leaves])))
 
 
 def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=None,
@@ -114,36 +117,52 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
             return x
         return {k: split(k, v) for k, v in batch.items()}
 
+    def normalise(state, aux):
+        """(scale, mean-form aux) for sum-form losses over the global batch. The reference updates
+        the EMA normaliser with this batch's positives (counted over the global batch, not per
+        device) before dividing by it; ETAD averages its micro-batches' mean losses, its
+        normaliser staying as it is."""
+        if is_etad:
+            norm, scale = state["loss_norm"], jnp.float32(1.0 / accum_steps)
+        else:
+            norm = losses_lib.update_normalizer(state["loss_norm"], aux["num_pos"], 0.9)
+            scale = 1.0 / norm
+        return scale, {"cls_loss": aux["cls_loss"] * scale, "reg_loss": aux["reg_loss"] * scale,
+                       "num_pos": aux["num_pos"], "normalizer": norm}
+
     def loss_and_grads(state, trainable, frozen, batch, key):
         """Mean-form (loss, aux, grads) of the global batch; aux["normalizer"] is the new EMA."""
         if accum_steps == 1:
-            (total, aux), grads = grad_fn(trainable, frozen, batch, key)
-        else:
-            def body(carry, xs):
-                i, micro = xs
-                (total, aux), grads = grad_fn(trainable, frozen, micro, jax.random.fold_in(key, i))
-                grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-                sums = (total, aux["cls_loss"], aux["reg_loss"], aux["num_pos"])
-                carry = jax.tree.map(jnp.add, carry, (sums, grads))
-                if state_sh is not None:
-                    carry = (carry[0], jax.lax.with_sharding_constraint(carry[1], grad_sh))
-                return carry, None
+            # The loss is scaled before differentiating (the scale counts positives, which do not
+            # depend on the parameters), so the gradients come out scaled: no multiply per
+            # trainable leaf afterwards (one kernel each in the compiled step).
+            def scaled_loss(trainable, frozen, batch, key):
+                total, aux = micro_loss(trainable, frozen, batch, key)
+                scale, aux = normalise(state, aux)
+                return total * jax.lax.stop_gradient(scale), aux
 
-            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-            init = ((jnp.zeros((), jnp.float32),) * 4, zeros)
-            steps = jnp.arange(accum_steps)
-            ((total, cls_sum, reg_sum, num_pos), grads), _ = jax.lax.scan(
-                body, init, (steps, split_micro(batch)))
-            aux = {"cls_loss": cls_sum, "reg_loss": reg_sum, "num_pos": num_pos}
-        # The reference updates the EMA normaliser with this batch's positives (counted over the
-        # global batch, not per device) before dividing by it.
-        norm = losses_lib.update_normalizer(state["loss_norm"], aux["num_pos"], 0.9)
-        scale = 1.0 / norm
-        if is_etad:  # average the micro-batches' mean losses; the normaliser stays as it is
-            norm, scale = state["loss_norm"], 1.0 / accum_steps
+            (loss, aux), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+                trainable, frozen, batch, key)
+            return loss, aux, grads
+
+        def body(carry, xs):
+            i, micro = xs
+            (total, aux), grads = grad_fn(trainable, frozen, micro, jax.random.fold_in(key, i))
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            sums = (total, aux["cls_loss"], aux["reg_loss"], aux["num_pos"])
+            carry = jax.tree.map(jnp.add, carry, (sums, grads))
+            if state_sh is not None:
+                carry = (carry[0], jax.lax.with_sharding_constraint(carry[1], grad_sh))
+            return carry, None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        init = ((jnp.zeros((), jnp.float32),) * 4, zeros)
+        steps = jnp.arange(accum_steps)
+        ((total, cls_sum, reg_sum, num_pos), grads), _ = jax.lax.scan(
+            body, init, (steps, split_micro(batch)))
+        scale, aux = normalise(state, {"cls_loss": cls_sum, "reg_loss": reg_sum,
+                                       "num_pos": num_pos})
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, trainable)
-        aux = {"cls_loss": aux["cls_loss"] * scale, "reg_loss": aux["reg_loss"] * scale,
-               "num_pos": aux["num_pos"], "normalizer": norm}
         return total * scale, aux, grads
 
     if state_sh is not None:
@@ -171,7 +190,7 @@ def make_train_step(model, config, tx, mask, points: np.ndarray, *, shardings=No
 
         def update(operands):
             trainable, opt, ema, grads = operands
-            updates, opt = tx.update(grads, opt, trainable)
+            updates, opt = tx.update(grads, opt, trainable, global_norm=grad_norm)
             trainable = optax.apply_updates(trainable, updates)
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, trainable)
             return trainable, opt, ema
