@@ -77,7 +77,10 @@ def test_train_step_equals_the_plain_formulation():
         norm = losses_lib.update_normalizer(state["loss_norm"], aux["num_pos"], 0.9)
         return total / jax.lax.stop_gradient(norm)
 
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    # Both sides compiled with cheap LLVM code generation (as tests/test_sharding.py).
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+    loss, grads = value_and_grad.lower(trainable).compile(compiler_options=fast)(trainable)
     clip = optax.clip_by_global_norm(float(config.train.grad_clip))
     assert float(optax.tree.norm(grads)) > float(config.train.grad_clip)   # clipping acts
     inner_tx, _ = opt_lib.make_optimizer(run.abstract_params, run.groups, grad_clip=0,
@@ -90,7 +93,9 @@ def test_train_step_equals_the_plain_formulation():
     want_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], want)
 
     step = state_lib.make_train_step(run.model, config, tx, run.mask, run.points)
-    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch)
+    state_copy = jax.tree.map(jnp.copy, state)
+    new_state, metrics = step.lower(state_copy, batch).compile(compiler_options=fast)(
+        state_copy, batch)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)),
                                rtol=1e-5)

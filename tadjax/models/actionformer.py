@@ -45,6 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The absolute position embedding's table is the ViT's (the same sin/cos formula).
+from tadjax.models.vit import sinusoid_table  # noqa: F401 (also importable from here)
+
 # PyTorch's default Conv1d / Linear weight init, kaiming_uniform(a=sqrt(5)): the bound is
 # sqrt(6 / ((1 + a^2) * fan_in)) = 1 / sqrt(fan_in), i.e. variance 1 / (3 * fan_in).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -272,14 +275,6 @@ class Head(nn.Module):
             reg_out.append(nn.relu(r[:, start:end] * scale))
             start = end + 1
         return cls_out, reg_out
-
-
-def sinusoid_table(length: int, channels: int) -> np.ndarray:
-    """[length, channels] table: sin on even channels, cos on odd, angle pos / 10000^(2(j//2)/C)."""
-    pos = np.arange(length, dtype=np.float64)[:, None]
-    j = np.arange(channels)
-    angle = pos / np.power(10000.0, 2 * (j // 2) / channels)[None, :]
-    return np.where(j % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
 
 
 def _resize_linear(table: np.ndarray, length: int) -> np.ndarray:
