@@ -128,3 +128,24 @@ def test_train_step_equals_the_plain_formulation():
     assert moved > len(jax.tree.leaves(want)) // 2
     for w, g in zip(jax.tree.leaves(want_ema), jax.tree.leaves(new_state["ema"])):
         np.testing.assert_allclose(g, w, rtol=0, atol=0.01 * lr)
+
+
+@pytest.mark.parametrize("grad_clip", [0, 1.0])
+def test_make_optimizer_takes_the_norm_with_and_without_clipping(grad_clip):
+    """The train step always passes `global_norm=`; without clipping (grad_clip=0) the groups'
+    AdamW ignores it. The frozen leaf gets no update and no state."""
+    params = {"backbone": {"blocks_0": {"adapter": jnp.ones((3,))}, "w": jnp.ones((2,))},
+              "head": {"b": jnp.full((4,), 2.0)}}
+    groups = [{"name": "adapter", "regex": "^backbone/.*adapter", "lr": 1e-3},
+              {"name": "head", "regex": "^head/", "lr": 1e-2}]
+    trainable, _ = opt_lib.split_trainable(params, opt_lib.trainable_mask(params, groups))
+    tx, _ = opt_lib.make_optimizer(params, groups, warmup_steps=0, total_steps=10,
+                                   grad_clip=grad_clip)
+    grads = jax.tree.map(lambda x: None if x is None else 10.0 * x, trainable,
+                         is_leaf=lambda x: x is None)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable,
+                           global_norm=optax.tree.norm(grads))
+    assert updates["backbone"]["w"] is None
+    # The first AdamW step moves every element by its group's learning rate (m / sqrt(v) = 1).
+    np.testing.assert_allclose(updates["backbone"]["blocks_0"]["adapter"], -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(updates["head"]["b"], -1e-2, rtol=1e-4)
