@@ -71,8 +71,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
     The train step computes the norm anyway (its non-finite guard and its log line need it);
     optax's transformation computed it a second time inside the update, one more reduction
-    kernel per trainable leaf in the compiled step (XLA:CPU keeps every kernel's code resident:
-    see tadjax.train.state). Without `global_norm` it computes the norm as optax does.
+    kernel per trainable leaf in the compiled step (XLA:CPU keeps every kernel's code and HLO
+    resident for the run: the README's tour of the code). Without `global_norm` it computes the
+    norm as optax does.
     """
     def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
         del params, extra_args
